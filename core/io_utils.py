@@ -6,6 +6,7 @@ the old file or the new one, never a half-written file that later loads as valid
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -23,11 +24,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches and checkpoints are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temp_files(folder: str | Path, names: list[str]) -> list[Path]:
+    """Delete temp files that a killed `atomic_write_bytes` left behind for these file names in `folder`.
+
+    A SIGKILL between mkstemp and os.replace leaves `.<name>.<random>.tmp`: never loaded (hidden, wrong
+    suffix) but as large as the file it was becoming. Only call this while no other process writes the
+    same files (e.g. when a training run starts in its own folder).
+    """
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -1,0 +1,1 @@
+"""CaptionScope benchmark suite: `python -m bench` (see bench/__main__.py)."""

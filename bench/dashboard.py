@@ -1,0 +1,119 @@
+"""Bench 5 — the dashboard: cold start (server start -> first caption of an example on the Caption page),
+the server's peak resident memory with the model loaded, and a page interaction on a cached image
+(deselect + reselect an example: st.cache_data hit) beside one on a new image (encoder + decoder run).
+
+Drives `streamlit run dashboard.py` headless with Playwright + Debian's chromium; skips with a clear line
+when either is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.common import REPO, Row
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+def skip(reason: str) -> list[Row]:
+    return [Row("dashboard", "skipped", "-", "-", None, "interaction <= 0.3 s", None, [f"skipped: {reason}"])]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    if args.quick:
+        return skip("--quick (a server + browser start takes too long for a smoke run)")
+    chromium = shutil.which("chromium") or (CHROMIUM if Path(CHROMIUM).exists() else None)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return skip("playwright is not installed")
+    if not chromium:
+        return skip("no chromium (apt-get install -y chromium)")
+    if args.synthetic or not args.checkpoint.is_file():
+        return skip("needs the bundled checkpoint")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "CAPTIONSCOPE_CACHE_DIR": cache, "PYTHONPATH": str(REPO)}
+        t0 = time.perf_counter()
+        server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless",
+                                   "true", "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+                                  cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            while True:
+                try:
+                    if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                        break
+                except OSError:
+                    pass
+                if server.poll() is not None or time.perf_counter() - t0 > 120:
+                    return skip("streamlit did not start")
+                time.sleep(0.1)
+            t_health = time.perf_counter() - t0
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
+                page = browser.new_page()
+                page.goto(f"{url}/caption")
+                captions = page.locator("h3")
+                captions.first.wait_for(timeout=300_000)
+                t_first = time.perf_counter() - t0
+                first_caption = captions.first.inner_text()
+                rss = peak_rss_mb(server.pid)
+                pills = page.locator('[data-testid="stButtonGroup"] button')
+                pills.first.wait_for(timeout=60_000)
+                names = [pills.nth(i).inner_text().strip() for i in range(pills.count())]
+                if not names:
+                    return skip(f"no example pills found on {page.url}")
+                shown = names[0]
+
+                def toggle(name: str, expect: int) -> float:
+                    t = time.perf_counter()
+                    pills.filter(has_text=name).first.click()
+                    page.wait_for_function(f"document.querySelectorAll('h3').length == {expect}", timeout=300_000)
+                    return time.perf_counter() - t
+
+                new_image = toggle(names[1], 2) if len(names) > 1 else float("nan")   # encoder + decoder
+                cached = []
+                for _ in range(max(args.repeats, 3)):
+                    toggle(shown, 1)                        # deselect
+                    cached.append(toggle(shown, 2))         # reselect: a cache hit
+                browser.close()
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    inter = statistics.median(cached)
+    return [
+        Row("dashboard", "cold start -> first caption", f"{t_first:.1f} s", f"{t_health:.1f} s to /_stcore/health",
+            t_first / t_health, "-", None,
+            [f"server peak RSS (VmHWM) {rss:.0f} MB with the model loaded; first caption: {first_caption!r}"]),
+        Row("dashboard", "interaction, cached image", f"{inter:.2f} s", f"{new_image:.2f} s new image",
+            new_image / inter, "<= 0.3 s", inter <= 0.3,
+            [f"reselect example {shown!r} (median of {len(cached)}) vs adding {names[1] if len(names) > 1 else '-'!r}"]),
+    ]

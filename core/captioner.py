@@ -1,0 +1,154 @@
+"""The captioner as a user sees it: checkpoint + encoder + vocabulary -> captions with attention.
+
+`Captioner` is what the CLIs and the dashboard hold. An image's encoder features are cached by the hash of
+its file's bytes (a bounded LRU shared by all callers, thread-safe), so stepping through words, beams and
+pages re-runs only the cheap decoder.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Sequence
+
+import torch
+from PIL import Image
+
+from core.checkpoint import load_checkpoint
+from core.decoding import DecodingConfig, Hypothesis, generate
+from core.encoders import Encoder, build_encoder
+from core.errors import CaptionScopeError
+from core.io_utils import sha256_file
+from core.images import ImageLimits, content_hash, load_image, read_source_bytes
+from core.model import ShowAttendTell
+from core.text import Vocabulary
+
+ImageSource = str | Path | bytes | BinaryIO
+
+
+@dataclass
+class CaptionResult:
+    name: str
+    hypotheses: list[Hypothesis]            # n-best, best first
+    words: list[list[str]]                  # words of each hypothesis
+    image: Image.Image | None = None        # upright RGB, downscaled for display
+    encode_ms: float = 0.0
+    decode_ms: float = 0.0
+    from_cache: bool = False
+
+    @property
+    def caption(self) -> str:
+        return " ".join(self.words[0]) if self.words else ""
+
+
+@dataclass
+class CaptionFailure:
+    name: str
+    error: str                              # one line for the user
+
+
+class Captioner:
+    def __init__(self, model: ShowAttendTell, vocab: Vocabulary, encoder: Encoder, *, metadata: dict | None = None,
+                 path: Path | None = None, device: str = "cpu", cache_size: int = 256):
+        self.model, self.vocab = model.to(device).eval(), vocab
+        self.encoder = encoder.to(device).eval()
+        self.metadata, self.path, self.device = metadata or {}, path, device
+        self._cache: OrderedDict[str, tuple[torch.Tensor, Image.Image]] = OrderedDict()
+        self._cache_size, self._lock = cache_size, threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, encoder_weights: str | None = None,
+                        device: str | None = None) -> "Captioner":
+        """Load a checkpoint and its encoder ("imagenet" source by default; "none" = random, for tests)."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        ckpt = load_checkpoint(path)
+        enc_meta = ckpt.encoder
+        encoder = build_encoder(enc_meta["name"], encoder_weights or "imagenet")
+        if ckpt.encoder_state:
+            encoder.backbone.load_state_dict(ckpt.encoder_state, strict=True)
+        metadata = {**ckpt.metadata, "checkpoint_sha256": sha256_file(path), "encoder_weights_match": (
+            not enc_meta.get("weights_sha256") or encoder.weights_sha256 == enc_meta["weights_sha256"]
+            or bool(ckpt.encoder_state))}
+        return cls(ckpt.model, ckpt.vocab, encoder, metadata=metadata, path=Path(path), device=device)
+
+    # -- facts the UIs show ----------------------------------------------------------------------
+    @property
+    def encoder_name(self) -> str:
+        return self.encoder.spec.name
+
+    @property
+    def encoder_sha256(self) -> str | None:
+        return self.metadata.get("encoder", {}).get("weights_sha256") or self.encoder.weights_sha256
+
+    @property
+    def checkpoint_id(self) -> str:
+        """Identity of the weights, for cache keys: the checkpoint file's sha256 (or the object's id)."""
+        return self.metadata.get("checkpoint_sha256") or f"mem-{id(self.model)}"
+
+    @property
+    def fine_tuned(self) -> bool:
+        return bool(self.metadata.get("encoder", {}).get("fine_tuned"))
+
+    @property
+    def grid(self) -> int:
+        return self.encoder.spec.grid
+
+    # -- features ----------------------------------------------------------------------------------
+    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        pixels = torch.stack([self.encoder.preprocess(im) for im in images]).to(self.device)
+        with torch.inference_mode():
+            return self.encoder(pixels.contiguous(memory_format=torch.channels_last))
+
+    def features(self, source: ImageSource, *, name: str | None = None,
+                 limits: ImageLimits = ImageLimits()) -> tuple[torch.Tensor, Image.Image, bool, str]:
+        """(L, C) features, the display image, whether it came from the cache, and the content key."""
+        data, name = read_source_bytes(source, limits) if not isinstance(source, bytes) else (source, name)
+        key = content_hash(data)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                feats, image = self._cache[key]
+                return feats, image, True, key
+        image = load_image(data, name=name or "image", limits=limits)
+        feats = self.encode([image])[0]
+        with self._lock:
+            self._cache[key] = (feats, image)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return feats, image, False, key
+
+    # -- captions ----------------------------------------------------------------------------------
+    def decode(self, features: torch.Tensor, decoding: DecodingConfig) -> list[list[Hypothesis]]:
+        """Decode a (B, L, C) batch of features."""
+        return generate(self.model, features.to(self.device).float(), decoding, unk_id=self.vocab.unk_id)
+
+    def words(self, hyp: Hypothesis) -> list[str]:
+        return self.vocab.decode_tokens(hyp.token_ids)
+
+    def caption(self, source: ImageSource, decoding: DecodingConfig, *, name: str | None = None,
+                limits: ImageLimits = ImageLimits()) -> CaptionResult:
+        """Caption one image (path, bytes or an uploaded file); raises ImageError on a bad image."""
+        decoding.validate()
+        t0 = time.perf_counter()
+        feats, image, cached, _ = self.features(source, name=name, limits=limits)
+        t1 = time.perf_counter()
+        nbest = self.decode(feats.unsqueeze(0), decoding)[0]
+        t2 = time.perf_counter()
+        label = name or getattr(source, "name", None) or (Path(source).name if isinstance(source, (str, Path)) else "image")
+        return CaptionResult(label, nbest, [self.words(h) for h in nbest], image,
+                             encode_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, from_cache=cached)
+
+    def caption_many(self, sources: Sequence[ImageSource], decoding: DecodingConfig, *,
+                     names: Sequence[str] | None = None,
+                     limits: ImageLimits = ImageLimits()) -> list[CaptionResult | CaptionFailure]:
+        """Caption each source; a bad one becomes a CaptionFailure and the others go on."""
+        results: list[CaptionResult | CaptionFailure] = []
+        for i, source in enumerate(sources):
+            name = names[i] if names else getattr(source, "name", None) or str(source)[:80]
+            try:
+                results.append(self.caption(source, decoding, name=name, limits=limits))
+            except CaptionScopeError as e:
+                results.append(CaptionFailure(str(name), str(e)))
+        return results

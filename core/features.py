@@ -1,0 +1,255 @@
+"""Feature cache: run the encoder once over a split, store (N, L, C) float16 maps memory-mapped on disk.
+
+Training and corpus evaluation then read features instead of images (the encoder dominates the cost).
+
+Layout for split `train` of encoder `efficientnet_lite2` under `features/`:
+    features/efficientnet_lite2/train.f16        raw float16 array (N, L, C), memory-mapped
+    features/efficientnet_lite2/train.json       index: image names, shape, encoder + weights sha256
+
+Crash safety: a run writes `train.f16.partial` and a progress file after every flushed chunk. A killed run
+resumes from the last recorded image. The finished array is renamed into place and only then is the index
+written; the index is the commit point, so a file without a valid index is never loaded as a cache.
+With torchrun (`torchrun --nproc_per_node N -m core.features ...`), each rank extracts a contiguous shard
+into its own `.rankR.partial`; after a barrier rank 0 concatenates them in rank order into one `.partial`,
+renames it into place and writes the index (the same commit point as a single run), then the other ranks
+open the finished cache.
+
+    python -m core.features --data ../shared/flickr8k --split train dev --encoder efficientnet_lite2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from core.encoders import Encoder, build_encoder
+from core.errors import CaptionScopeError, DataError
+from core.images import load_image
+from core.io_utils import atomic_write_json
+
+FORMAT = "captionscope-features/1"
+
+
+@dataclass
+class FeatureStore:
+    """A finished cache: `array[i]` are the (L, C) features of `images[i]`."""
+    path: Path
+    images: list[str]
+    array: np.ndarray           # memmap float16 (N, L, C)
+    encoder: str
+    weights_sha256: str | None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def index_of(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.images)}
+
+    def get(self, indices) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.array[indices])).float()
+
+
+def cache_paths(out_dir: str | Path, encoder: str, split: str) -> tuple[Path, Path]:
+    folder = Path(out_dir) / encoder
+    return folder / f"{split}.f16", folder / f"{split}.json"
+
+
+def open_features(out_dir: str | Path, encoder: str, split: str, *, weights_sha256: str | None = None) -> FeatureStore:
+    data_path, index_path = cache_paths(out_dir, encoder, split)
+    if not index_path.is_file():
+        raise DataError(f"no finished feature cache at {index_path}: run python -m core.features "
+                        f"--split {split} --encoder {encoder} --out {out_dir}")
+    try:
+        index = json.loads(index_path.read_text())
+        shape = tuple(index["shape"])
+        images = list(index["images"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{index_path}: unreadable feature index ({e})") from None
+    if index.get("format") != FORMAT or len(images) != shape[0]:
+        raise DataError(f"{index_path}: not a {FORMAT} index")
+    expected = int(np.prod(shape)) * 2
+    if not data_path.is_file() or data_path.stat().st_size != expected:
+        raise DataError(f"{data_path}: size does not match its index {shape} (incomplete or foreign file)")
+    if weights_sha256 and index.get("weights_sha256") and index["weights_sha256"] != weights_sha256:
+        raise DataError(f"{index_path}: features were made with other encoder weights "
+                        f"({index['weights_sha256'][:12]} != {weights_sha256[:12]})")
+    array = np.memmap(data_path, dtype=np.float16, mode="r", shape=shape)
+    return FeatureStore(data_path, images, array, index["encoder"], index.get("weights_sha256"))
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: list[Path], encoder: Encoder):
+        self.paths, self.encoder = paths, encoder
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.encoder.preprocess(load_image(self.paths[i]))
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def extract_features(encoder: Encoder, image_paths: list[Path], out_dir: str | Path, split: str, *,
+                     batch_size: int = 32, num_workers: int = 2, chunk: int = 256,
+                     device: str = "cpu", progress: bool = True) -> FeatureStore:
+    """Extract (or resume) the cache for `image_paths`; returns the finished store.
+
+    Work is flushed every `chunk` images; `rank`/`world` (from torch.distributed) split the list into
+    contiguous shards.
+    """
+    rank, world = _dist_info()
+    name = encoder.spec.name
+    data_path, index_path = cache_paths(out_dir, name, split)
+    images = [p.name for p in image_paths]
+    try:
+        store = open_features(out_dir, name, split, weights_sha256=encoder.weights_sha256)
+        if store.images == images:
+            return store
+    except DataError:
+        pass
+    shard = np.array_split(np.arange(len(image_paths)), world)[rank]
+    lo, hi = (int(shard[0]), int(shard[-1]) + 1) if len(shard) else (0, 0)
+    suffix = f".rank{rank}" if world > 1 else ""
+    _extract_range(encoder, image_paths, lo, hi, Path(f"{data_path}{suffix}.partial"), images,
+                   batch_size=batch_size, num_workers=num_workers, chunk=chunk, device=device,
+                   progress=progress and rank == 0)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        _finish(encoder, images, data_path, index_path, world)
+    if world > 1:
+        torch.distributed.barrier()
+    return open_features(out_dir, name, split, weights_sha256=encoder.weights_sha256)
+
+
+def _progress_path(partial: Path) -> Path:
+    return partial.with_name(partial.name + ".progress.json")
+
+
+def _extract_range(encoder: Encoder, image_paths: list[Path], lo: int, hi: int, partial: Path,
+                   images: list[str], *, batch_size: int, num_workers: int, chunk: int, device: str,
+                   progress: bool) -> None:
+    L, C = encoder.spec.num_regions, encoder.spec.feature_dim
+    n = hi - lo
+    progress_file = _progress_path(partial)
+    identity = {"encoder": encoder.spec.name, "weights_sha256": encoder.weights_sha256,
+                "images": images[lo:hi], "shape": [n, L, C]}
+    done = 0
+    if partial.is_file() and progress_file.is_file():
+        try:
+            state = json.loads(progress_file.read_text())
+            if {k: state.get(k) for k in identity} == identity and partial.stat().st_size == n * L * C * 2:
+                done = int(state["done"])
+        except (ValueError, KeyError):
+            done = 0
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    if n == 0:   # more ranks than images: an empty shard (a 1-row memmap would break the merge)
+        partial.write_bytes(b"")
+        return
+    if done == 0:
+        np.memmap(partial, dtype=np.float16, mode="w+", shape=(max(n, 1), L, C)).flush()
+    if done >= n:
+        return
+    out = np.memmap(partial, dtype=np.float16, mode="r+", shape=(max(n, 1), L, C))
+    encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
+    loader = DataLoader(_ImageFiles(image_paths[lo + done:hi], encoder), batch_size=batch_size,
+                        num_workers=num_workers, persistent_workers=False)
+    bar = tqdm(total=n, initial=done, unit="img", desc=f"features {partial.name}", disable=not progress)
+    since_flush, t0 = 0, time.time()
+    with torch.inference_mode():
+        for pixels in loader:
+            pixels = pixels.to(device).contiguous(memory_format=torch.channels_last)
+            feats = encoder(pixels).to("cpu", torch.float16).numpy()
+            out[done:done + len(feats)] = feats
+            done += len(feats)
+            since_flush += len(feats)
+            bar.update(len(feats))
+            if since_flush >= chunk or done == n:
+                out.flush()  # data first, then the progress that vouches for it
+                atomic_write_json(progress_file, {**identity, "done": done,
+                                                  "images_per_s": done / max(time.time() - t0, 1e-9)}, indent=None)
+                since_flush = 0
+    bar.close()
+    del out
+
+
+def _finish(encoder: Encoder, images: list[str], data_path: Path, index_path: Path, world: int) -> None:
+    L, C = encoder.spec.num_regions, encoder.spec.feature_dim
+    partials = [Path(f"{data_path}.rank{r}.partial") for r in range(world)] if world > 1 else [Path(f"{data_path}.partial")]
+    if world > 1:  # concatenate shards into one partial, then commit like a single run
+        merged = Path(f"{data_path}.partial")
+        with open(merged, "wb") as out:
+            for p in partials:
+                with open(p, "rb") as f:
+                    while block := f.read(1 << 24):
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+    else:
+        merged = partials[0]
+    if len(images) == 0:
+        merged.write_bytes(b"")
+    if merged.stat().st_size != len(images) * L * C * 2:
+        raise DataError(f"{merged}: size does not match {len(images)} images; delete it and rerun")
+    # withdraw the old index first: between the rename and the new index, an old index of the same shape
+    # would otherwise vouch for the new array (another image order, other weights)
+    index_path.unlink(missing_ok=True)
+    os.replace(merged, data_path)
+    atomic_write_json(index_path, {"format": FORMAT, "encoder": encoder.spec.name,
+                                   "weights_sha256": encoder.weights_sha256, "shape": [len(images), L, C],
+                                   "dtype": "float16", "images": images}, indent=None)
+    for p in partials:
+        _progress_path(p).unlink(missing_ok=True)
+        if world > 1:
+            p.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from core.data import load_dataset
+
+    parser = argparse.ArgumentParser(prog="python -m core.features", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="Flickr8K folder (token file + split lists + images)")
+    parser.add_argument("--images", default=None, help="images folder, if not discovered under --data")
+    parser.add_argument("--split", nargs="+", default=["train", "dev"])
+    parser.add_argument("--encoder", default="efficientnet_lite2")
+    parser.add_argument("--encoder-weights", default="imagenet", help="imagenet | none | PATH")
+    parser.add_argument("--out", default="features", help="cache folder (default: features/)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
+    args = parser.parse_args(argv)
+    try:
+        if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        dataset = load_dataset(args.data, args.images)
+        encoder = build_encoder(args.encoder, args.encoder_weights)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        for split in args.split:
+            items = dataset.split(split)[: args.limit]
+            t0 = time.time()
+            store = extract_features(encoder, [it.path for it in items], args.out, split,
+                                     batch_size=args.batch_size, num_workers=args.workers, device=device)
+            if _dist_info()[0] == 0:
+                print(f"{split}: {len(store)} images -> {store.path} ({time.time() - t0:.0f} s)")
+    except CaptionScopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

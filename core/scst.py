@@ -1,0 +1,327 @@
+"""Self-critical sequence training (Rennie et al., 2017): fine-tune a cross-entropy model on CIDEr-D itself.
+
+    python -m core.scst --init runs/lite2-a/best.safetensors --data ../shared/flickr8k --out runs/lite2-scst
+    python -m core.scst ... --resume                                                 # after a kill
+
+Teacher forcing never lets the model see its own mistakes and optimises word likelihood, not the metric.
+SCST treats the decoder as a policy: per image it samples k captions y^s from the model, decodes the greedy
+caption y^g (no gradient) and follows the REINFORCE gradient of
+
+    loss = -mean_s (r(y^s) - r(y^g)) * sum_t log p(y^s_t)          (tokens up to and incl. <end>)
+
+with r = CIDEr-D against the image's references. The greedy caption is the baseline: samples better than
+what the model would say at test time are reinforced, worse ones suppressed, with no learned critic.
+
+CIDEr-D's idf is taken once from the *training* references (as in the public SCST code): per-batch idf over
+50 images would make the reward of the same caption jump from batch to batch. Dropout is off while sampling
+(`--keep-dropout` turns it on): the policy being improved is then exactly the one that is greedy/beam decoded.
+Every `--eval-every-steps` (default: once per epoch) the dev split is beam-decoded and scored, one JSONL line
+is appended to OUT/log.jsonl (which starts with the init run's cross-entropy lines, phase "xe"), and
+last/best checkpoints + train_state are written atomically. best.safetensors starts as the init model, so it
+is never worse on dev than where SCST started. A kill loses at most the steps since the last evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
+
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.data import load_dataset
+from core.decoding import DecodingConfig, greedy
+from core.errors import CaptionScopeError, ConfigError
+from core.evaluate import decode_store, score_predictions
+from core.features import open_features
+from core.io_utils import atomic_write_text
+from core.metrics import simple_tokenize
+from core.model import ShowAttendTell
+from core.text import Vocabulary
+from core.train_state import load_train_state, save_train_state
+
+
+# -- reward: pycocoevalcap's CIDEr-D with a fixed (training-set) idf ----------------------------------------
+
+class _FixedDocumentFrequency(dict):
+    """df table that answers 0 for unseen n-grams without growing (CiderScorer indexes it like a defaultdict)."""
+    def __missing__(self, key):
+        return 0.0
+
+
+class _FixedIdfCiderScorer(CiderScorer):
+    """pycocoevalcap's CiderScorer, with document_frequency and ref_len fixed from outside.
+
+    `compute_cider` assigns ref_len = log(#images scored); the property ignores that assignment so the
+    toolkit's own n-gram, clipping and length-penalty code runs unchanged with the corpus-level value.
+    """
+    def __init__(self, document_frequency: dict, ref_len: float, n: int = 4, sigma: float = 6.0):
+        super().__init__(n=n, sigma=sigma)
+        self.document_frequency, self._ref_len = document_frequency, ref_len
+
+    ref_len = property(lambda self: self._ref_len, lambda self, value: None)
+
+
+class CiderDReward:
+    """CIDEr-D of candidate captions against the references of their image, idf from `references` (all images)."""
+
+    def __init__(self, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0):
+        if not references:
+            raise ConfigError("CIDEr-D reward needs at least one image with references")
+        self.n, self.sigma = n, sigma
+        self.crefs = {key: cook_refs([simple_tokenize(c) for c in caps], n) for key, caps in references.items()}
+        df: dict = defaultdict(float)
+        for refs in self.crefs.values():           # same counting as CiderScorer.compute_doc_freq
+            for ngram in {g for ref in refs for g in ref}:
+                df[ngram] += 1
+        self.document_frequency = _FixedDocumentFrequency(df)
+        self.ref_len = float(np.log(float(len(self.crefs))))
+
+    def __call__(self, candidates: Sequence[str], images: Sequence[str]) -> np.ndarray:
+        """One CIDEr-D per candidate; candidates[i] is scored against the references of images[i]."""
+        scorer = _FixedIdfCiderScorer(self.document_frequency, self.ref_len, self.n, self.sigma)
+        for caption, image in zip(candidates, images, strict=True):
+            scorer.crefs.append(self.crefs[image])
+            scorer.ctest.append(cook_test(simple_tokenize(caption), self.n))
+        return np.asarray(scorer.compute_cider(), dtype=np.float64)
+
+
+# -- sampling with gradients -------------------------------------------------------------------------------
+
+def sample_captions(model: ShowAttendTell, features: torch.Tensor, max_length: int, *, generator: torch.Generator,
+                    banned_ids: Sequence[int], start_id: int = 1, end_id: int = 2,
+                    pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial samples (R, T) (pad after <end>) and the summed log-prob of each (R,), with autograd."""
+    R = features.shape[0]
+    state = model.init_state(features)
+    tokens = torch.full((R,), start_id, dtype=torch.long)
+    done = torch.zeros(R, dtype=torch.bool)
+    banned = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    banned[list(banned_ids)] = True
+    total, emitted = features.new_zeros(R, dtype=torch.float32), []
+    for _ in range(max_length):
+        logits, _, _, state = model.step(tokens, state)
+        logp = F.log_softmax(logits.float().masked_fill(banned, float("-inf")), dim=1)
+        drawn = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
+        drawn = torch.where(done, torch.full_like(drawn, end_id), drawn)   # finished rows: ignored below
+        total = total + torch.where(done, 0.0, logp.gather(1, drawn[:, None]).squeeze(1))
+        emitted.append(torch.where(done, pad_id, drawn))
+        done = done | (drawn == end_id)
+        tokens = drawn
+        if bool(done.all()):
+            break
+    return torch.stack(emitted, 1), total
+
+
+@dataclass
+class ScstConfig:
+    init: str = ""
+    data: str = ""
+    features: str = "features"
+    out: str = "runs/lite2-scst"
+    epochs: int = 3
+    batch_size: int = 50          # images per step
+    samples: int = 5              # sampled captions per image (all share the image's greedy baseline)
+    baseline: str = "greedy"      # greedy (Rennie et al.) | mean: the image's other samples (Luo 2020)
+    lr: float = 2e-5
+    grad_clip: float = 1.0
+    max_length: int = 16          # sampled tokens incl. <end>
+    keep_dropout: bool = False
+    precision: str = "bf16"
+    eval_beam: int = 3
+    eval_limit: int = 0
+    eval_every_steps: int = 0     # 0 = once per epoch
+    max_steps: int = 0
+    seed: int = 0
+    threads: int = 0
+
+
+def scst_step(model: ShowAttendTell, optimizer: torch.optim.Optimizer, reward: CiderDReward, vocab: Vocabulary,
+              feats: torch.Tensor, images: list[str], cfg: ScstConfig, generator: torch.Generator) -> dict:
+    """One policy-gradient update on a batch of images; returns loss and mean rewards."""
+    k = cfg.samples
+    greedy_hyps = greedy(model, feats, DecodingConfig(beam_size=1, max_length=cfg.max_length), unk_id=vocab.unk_id)
+    greedy_caps = [vocab.decode(h[0].token_ids) for h in greedy_hyps]
+    model.train(cfg.keep_dropout)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        tokens, logprob = sample_captions(model, feats.repeat_interleave(k, dim=0), cfg.max_length,
+                                          generator=generator, banned_ids=[0, 1, vocab.unk_id])
+    sampled_caps = [vocab.decode(row) for row in tokens.tolist()]
+    rows = [im for im in images for _ in range(k)]
+    scores = reward(sampled_caps + greedy_caps, rows + list(images))
+    r_sample, r_greedy = scores[:len(rows)], scores[len(rows):]
+    if cfg.baseline == "mean" and k > 1:    # leave-one-out mean of the image's other samples
+        per_image = r_sample.reshape(-1, k)
+        base = ((per_image.sum(1, keepdims=True) - per_image) / (k - 1)).reshape(-1)
+    else:
+        base = np.repeat(r_greedy, k)
+    advantage = torch.from_numpy(r_sample - base).float()
+    loss = -(advantage * logprob).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return {"loss": loss.item(), "reward_sample": float(r_sample.mean()), "reward_greedy": float(r_greedy.mean())}
+
+
+def _init_log_lines(init_path: Path, training: dict) -> list[str]:
+    """The init run's cross-entropy log lines (up to the init checkpoint's epoch), tagged phase "xe"."""
+    log = init_path.parent / str(training.get("log", "log.jsonl"))
+    last_epoch = training.get("epoch", math.inf)
+    lines = []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        record = json.loads(line) if line.strip() else None
+        if isinstance(record, dict) and record.get("epoch", math.inf) <= last_epoch:
+            lines.append(json.dumps({**record, "phase": record.get("phase", "xe")}))
+    return lines
+
+
+def train_scst(cfg: ScstConfig, resume: bool = False) -> Path:
+    """Run (or resume) SCST; returns the path of the best checkpoint."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    init = load_checkpoint(cfg.init)
+    model, vocab = init.model, init.vocab
+    encoder_name = init.encoder["name"]
+    dataset = load_dataset(cfg.data)
+    train_items, dev_items = dataset.split("train"), dataset.split("dev")
+    train_store = open_features(cfg.features, encoder_name, "train", weights_sha256=init.encoder.get("weights_sha256"))
+    dev_store = open_features(cfg.features, encoder_name, "dev", weights_sha256=init.encoder.get("weights_sha256"))
+    row = train_store.index_of()
+    missing = [it.image for it in train_items if it.image not in row]
+    if missing:
+        raise ConfigError(f"{len(missing)} train images have no cached features (first: {missing[0]})")
+    reward = CiderDReward({it.image: it.captions for it in train_items})
+    dev_eval = dev_items[: cfg.eval_limit] if cfg.eval_limit else dev_items
+    decoding = DecodingConfig(**{**init.decoding, "beam_size": cfg.eval_beam, "num_return_sequences": 1})
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path, last_path, best_path = out / "log.jsonl", out / "last.safetensors", out / "best.safetensors"
+    state_path = out / "train_state.safetensors"
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps_per_epoch = max(len(train_items) // cfg.batch_size, 1)
+    xe_epoch = int(init.training.get("epoch", -1))
+
+    def evaluate() -> tuple[float, float, float]:
+        t0 = time.time()
+        predictions = decode_store(model, vocab, dev_store, [it.image for it in dev_eval], decoding)
+        scores = score_predictions(predictions, dev_eval, metrics=("BLEU-4", "CIDEr-D"), tokenizer="simple")
+        return scores.corpus["BLEU-4"], scores.corpus["CIDEr-D"], time.time() - t0
+
+    def save(path: Path, dev: tuple[float, float], counters: dict, dtype: torch.dtype) -> None:
+        training = {"phase": "scst", "init": str(cfg.init), "config": asdict(cfg), "epoch": counters["epoch_value"],
+                    "steps": counters["steps"], "dev": {"BLEU-4": dev[0], "CIDEr-D": dev[1]},
+                    "init_dev": counters["init_dev"], "log": "log.jsonl"}
+        save_checkpoint(path, model, vocab, encoder=init.encoder, training=training, decoding=decoding.to_dict(),
+                        dtype=dtype)
+
+    if resume and last_path.is_file() and state_path.is_file():
+        model.load_state_dict(load_checkpoint(last_path).model.state_dict())   # float32: exact
+        counters = load_train_state(state_path, optimizer=optimizer, scheduler=None)
+        log_lines = [l for l in log_path.read_text().splitlines() if l.strip()][: counters["log_lines"]]
+        print(f"resuming after step {counters['steps']} (best dev CIDEr-D {counters['best_cider']:.3f})")
+    else:
+        bleu4, cider, _ = evaluate()
+        print(f"init model: dev BLEU-4 {100 * bleu4:.2f} CIDEr-D {cider:.3f} ({len(dev_eval)} images, "
+              f"beam {cfg.eval_beam})", flush=True)
+        counters = {"steps": 0, "best_cider": cider, "epoch_value": xe_epoch, "log_lines": 0,
+                    "init_dev": {"BLEU-4": bleu4, "CIDEr-D": cider}}
+        save(best_path, (bleu4, cider), counters, torch.float16)
+        log_lines = _init_log_lines(Path(cfg.init), init.training)
+        counters["log_lines"] = len(log_lines)
+    atomic_write_text(log_path, "".join(l + "\n" for l in log_lines))
+
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    every = cfg.eval_every_steps or steps_per_epoch
+    window = {"loss": [], "reward_sample": [], "reward_greedy": []}
+    t_train = time.time()
+    while counters["steps"] < total_steps:
+        step = counters["steps"]
+        epoch, b = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        batch = [train_items[i].image for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()]
+        feats = train_store.get(np.asarray([row[im] for im in batch]))
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)   # per step: resume is exact
+        torch.manual_seed(cfg.seed * 1_000_003 + step)                           # dropout stream, if kept
+        t0 = time.time()
+        stats = scst_step(model, optimizer, reward, vocab, feats, batch, cfg, generator)
+        counters["steps"] = step + 1
+        for key in window:
+            window[key].append(stats[key])
+        print(f"step {step + 1}/{total_steps}: loss {stats['loss']:+.4f} reward sample {stats['reward_sample']:.3f} "
+              f"greedy {stats['reward_greedy']:.3f} ({time.time() - t0:.1f} s/step)", flush=True)
+        if counters["steps"] % every and counters["steps"] < total_steps:
+            continue
+        train_time = time.time() - t_train
+        bleu4, cider, eval_time = evaluate()
+        counters["epoch_value"] = round(xe_epoch + counters["steps"] / steps_per_epoch, 4)
+        record = {"epoch": counters["epoch_value"], "phase": "scst", "steps": counters["steps"],
+                  "train_loss": float(np.mean(window["loss"])), "dev_bleu4": bleu4, "dev_cider_d": cider,
+                  "reward_sample": float(np.mean(window["reward_sample"])),
+                  "reward_greedy": float(np.mean(window["reward_greedy"])), "lr": cfg.lr,
+                  "epoch_time_s": train_time, "eval_time_s": eval_time,
+                  "samples_per_s": len(window["loss"]) * cfg.batch_size / max(train_time, 1e-9),
+                  "eval_beam": cfg.eval_beam, "eval_images": len(dev_eval), "time": time.time()}
+        if cider > counters["best_cider"]:
+            counters["best_cider"] = cider
+            save(best_path, (bleu4, cider), counters, torch.float16)
+        log_lines.append(json.dumps(record))
+        counters["log_lines"] = len(log_lines)
+        save(last_path, (bleu4, cider), counters, torch.float32)
+        save_train_state(state_path, optimizer=optimizer, scheduler=None, counters=counters)
+        atomic_write_text(log_path, "".join(l + "\n" for l in log_lines))
+        print(f"step {counters['steps']}: dev BLEU-4 {100 * bleu4:.2f} CIDEr-D {cider:.3f} | reward sample "
+              f"{record['reward_sample']:.3f} greedy {record['reward_greedy']:.3f} "
+              f"({train_time / len(window['loss']):.2f} s/step, eval {eval_time:.0f} s)", flush=True)
+        window = {key: [] for key in window}
+        t_train = time.time()
+    return best_path
+
+
+def parse_args(argv: list[str] | None) -> tuple[ScstConfig, bool]:
+    parser = argparse.ArgumentParser(prog="python -m core.scst", description=__doc__.split("\n\n")[0])
+    for f in fields(ScstConfig):
+        name = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(name, action="store_true")
+        else:
+            parser.add_argument(name, type=type(f.default), default=f.default, required=f.name in ("init", "data"))
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    args = vars(parser.parse_args(argv))
+    resume = args.pop("resume")
+    cfg = ScstConfig(**args)
+    if cfg.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    if cfg.baseline not in ("greedy", "mean"):
+        raise ConfigError(f"--baseline must be greedy or mean, got {cfg.baseline!r}")
+    if min(cfg.batch_size, cfg.samples, cfg.epochs, cfg.max_length) < 1 or not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise ConfigError("--batch-size, --samples, --epochs and --max-length must be >= 1 and --lr > 0")
+    if min(cfg.max_steps, cfg.eval_every_steps, cfg.eval_limit) < 0:
+        raise ConfigError("--max-steps, --eval-every-steps and --eval-limit must be >= 0")
+    return cfg, resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, resume = parse_args(argv)
+        print(f"best checkpoint: {train_scst(cfg, resume=resume)}")
+    except CaptionScopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

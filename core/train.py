@@ -1,0 +1,321 @@
+"""Train a Show-Attend-Tell captioner from cached encoder features (teacher forcing, cross-entropy).
+
+    python -m core.features --data ../shared/flickr8k --split train dev         # once
+    python -m core.train --data ../shared/flickr8k --out runs/lite2             # background-friendly
+    python -m core.train --data ../shared/flickr8k --out runs/lite2 --resume    # after a kill
+
+Each epoch: shuffle (seeded by seed+epoch, so a resumed run sees the same order), Adam with gradient
+clipping, dev-split decoding + BLEU-4/CIDEr-D, one JSONL log line, `last.safetensors` (+ `train_state`) and,
+when dev BLEU-4 improves, `best.safetensors` — all written atomically. The learning rate drops when dev
+BLEU-4 plateaus; training stops early after `patience` epochs without improvement. `train_state` is written
+last: it holds the weights, optimizer, scheduler, RNG and counters and is the commit point --resume continues
+from. A kill loses at most one epoch (the one in progress or the one being committed), and a resumed run ends
+at the same weights as an uninterrupted one (same seed, hardware and thread count).
+
+Scale-out: `torchrun --nproc_per_node N -m core.train ...` trains with DistributedDataParallel (gloo on CPU,
+nccl on GPU). Every rank draws the same seeded permutation and takes `batch[rank::world]` of each *global*
+batch of `--batch-size` samples: the DistributedSampler interleaving, applied per batch, so an N-rank step
+sees exactly the samples of the 1-rank step. The loss is normalised by the global token count (and the
+attention penalty by the global batch size), so the update equals the 1-rank update. Rank 0 alone logs,
+decodes the dev split and writes files; it broadcasts the dev scores so the LR schedule and early stopping
+stay in step on every rank. CAPTIONSCOPE_DDP_CHECK=1 makes every rank write OUT/rank{r}.sha (sha256 of
+its final weights) so a test can check that the replicas agree.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
+
+from core.checkpoint import save_checkpoint
+from core.data import ImageCaptions, load_dataset
+from core.decoding import DecodingConfig
+from core.encoders import ENCODERS
+from core.errors import CaptionScopeError, ConfigError
+from core.evaluate import decode_store, score_predictions
+from core.features import FeatureStore, open_features
+from core.io_utils import atomic_write_text, remove_stale_temp_files
+from core.model import ModelConfig, ShowAttendTell, caption_loss
+from core.text import Vocabulary, tokenize
+from core.train_state import load_train_state, save_train_state
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    features: str = "features"
+    encoder: str = "efficientnet_lite2"
+    out: str = "runs/lite2"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 4e-4
+    lr_decay: float = 0.5           # factor on plateau of dev BLEU-4
+    lr_patience: int = 1            # epochs without improvement before a decay
+    patience: int = 4               # early stopping
+    grad_clip: float = 5.0
+    alpha_c: float = 1.0            # λ of the doubly stochastic attention term
+    label_smoothing: float = 0.0
+    min_count: int = 5
+    max_words: int = 22             # longer training captions are truncated
+    precision: str = "bf16"         # autocast dtype for the forward pass: bf16 (2x faster on AVX512-BF16) | fp32
+    eval_beam: int = 3
+    eval_limit: int = 0             # 0 = the whole dev split
+    seed: int = 0
+    threads: int = 0                # 0 = torch default
+    max_steps: int = 0              # stop after this many optimiser steps (tests, benchmarks); 0 = no limit
+
+
+def build_vocab(items: list[ImageCaptions], min_count: int) -> Vocabulary:
+    return Vocabulary.build((tokenize(c) for it in items for c in it.captions), min_count=min_count)
+
+
+def encode_samples(items: list[ImageCaptions], store: FeatureStore, vocab: Vocabulary,
+                   max_words: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """One sample per (image, caption): the image's row in the feature store and the caption's ids."""
+    row = store.index_of()
+    missing = [it.image for it in items if it.image not in row]
+    if missing:
+        raise ConfigError(f"{len(missing)} images have no cached features (first: {missing[0]}); rerun core.features")
+    rows, captions = [], []
+    for it in items:
+        for c in it.captions:
+            rows.append(row[it.image])
+            captions.append(torch.tensor(vocab.encode(tokenize(c), max_length=max_words)))
+    return np.asarray(rows), captions
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def distributed_caption_loss(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tensor,
+                             lengths: torch.Tensor, *, alpha_c: float, label_smoothing: float,
+                             pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`caption_loss` for one rank's share of a global batch, scaled so DDP's gradient *average* equals the
+    gradient of the global-batch loss: sum over local tokens / global tokens, times world size.
+
+    Returns (loss to backpropagate, global loss, global cross-entropy); the last two are detached and
+    identical on every rank (for logging).
+    """
+    world = torch.distributed.get_world_size()
+    targets = captions[:, 1:]
+    mask = targets != pad_id
+    counts = torch.stack([mask.sum(), torch.tensor(captions.shape[0], device=mask.device)]).double()
+    torch.distributed.all_reduce(counts)                        # global tokens, global batch size
+    tokens, batch = counts[0].item(), counts[1].item()
+    ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id,
+                             label_smoothing=label_smoothing, reduction="sum")
+    ce = ce_sum / tokens
+    loss = ce
+    if alpha_c > 0:
+        coverage = (alphas * mask.unsqueeze(2).to(alphas.dtype)).sum(dim=1)     # (B_local, L)
+        loss = ce + alpha_c * ((1.0 - coverage) ** 2).sum() / (batch * alphas.shape[2])
+    stats = torch.stack([loss.detach(), ce.detach()]).double()
+    torch.distributed.all_reduce(stats)                         # sum of local parts = global values
+    return loss * world, stats[0], stats[1]
+
+
+def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, store: FeatureStore, rows: np.ndarray,
+              captions: list[torch.Tensor], cfg: TrainConfig, epoch: int, device: str, step_budget: int) -> dict:
+    """One pass over the samples in a seeded order; returns mean losses, samples/s and steps taken."""
+    rank, world = _dist()
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).numpy()
+    torch.manual_seed(cfg.seed * 1000 + epoch + 1 + rank)   # dropout stream, per rank
+    model.train()
+    n_batches = len(order) // cfg.batch_size if len(order) >= cfg.batch_size else 1
+    total, total_ce, steps, t0 = 0.0, 0.0, 0, time.time()
+    bar = tqdm(range(n_batches), desc=f"epoch {epoch}", unit="batch", disable=rank != 0, leave=False)
+    for b in bar:
+        if step_budget and steps >= step_budget:
+            break
+        batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        batch = batch[rank::world]                       # each rank takes its share of the global batch
+                                                         # (DistributedSampler's rank::world interleave)
+        feats = store.get(rows[batch]).to(device)
+        caps = [captions[i] for i in batch]
+        lengths = torch.tensor([len(c) for c in caps], device=device)
+        caps = pad_sequence(caps, batch_first=True, padding_value=0).to(device)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits, alphas = model(feats, caps, lengths)
+        if world > 1:
+            loss, loss_value, ce_value = distributed_caption_loss(
+                logits.float(), alphas.float(), caps, lengths, alpha_c=cfg.alpha_c,
+                label_smoothing=cfg.label_smoothing)
+        else:
+            loss, ce = caption_loss(logits.float(), alphas.float(), caps, lengths, alpha_c=cfg.alpha_c,
+                                    label_smoothing=cfg.label_smoothing)
+            loss_value, ce_value = loss.detach(), ce.detach()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()                                  # DDP all-reduces (averages) the gradients here
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        total, total_ce, steps = total + loss_value.item(), total_ce + ce_value.item(), steps + 1
+        bar.set_postfix(loss=f"{total / steps:.3f}")
+    elapsed = time.time() - t0
+    return {"train_loss": total / max(steps, 1), "train_ce": total_ce / max(steps, 1), "steps": steps,
+            "samples_per_s": steps * cfg.batch_size / max(elapsed, 1e-9), "epoch_time_s": elapsed}
+
+
+def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: bool = False) -> Path:
+    """Run (or resume) training; returns the path of the best checkpoint."""
+    rank, world = _dist()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if world > 1 and cfg.batch_size < world:
+        raise ConfigError(f"--batch-size ({cfg.batch_size}) is the global batch: it must be >= the number "
+                          f"of ranks ({world})")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(cfg.data)
+    train_items, dev_items = dataset.split("train"), dataset.split("dev")
+    spec = ENCODERS[cfg.encoder]
+    train_store = open_features(cfg.features, cfg.encoder, "train")
+    dev_store = open_features(cfg.features, cfg.encoder, "dev")
+
+    vocab = build_vocab(train_items, cfg.min_count)
+    model_cfg = ModelConfig(vocab_size=len(vocab), encoder_dim=spec.feature_dim, num_regions=spec.num_regions,
+                            **(model_cfg_overrides or {}))
+    torch.manual_seed(cfg.seed)
+    model = ShowAttendTell(model_cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay,
+                                                           patience=cfg.lr_patience)
+    counters = {"epoch": 0, "best_bleu4": -1.0, "best_epoch": -1, "epochs_since_best": 0, "steps": 0}
+    log_path, last_path, best_path = out / "log.jsonl", out / "last.safetensors", out / "best.safetensors"
+    state_path = out / "train_state.safetensors"
+    if rank == 0:
+        remove_stale_temp_files(out, [log_path.name, last_path.name, best_path.name, state_path.name])
+    if resume and state_path.is_file():
+        counters = load_train_state(state_path, optimizer=optimizer, scheduler=scheduler, model=model)
+        if not counters.pop("model_restored"):   # a state file from before weights were stored in it
+            from core.checkpoint import load_checkpoint
+            if not last_path.is_file():
+                raise ConfigError(f"{state_path} holds no weights and {last_path} is missing: cannot resume")
+            model.load_state_dict(load_checkpoint(last_path).model.state_dict())   # float32: exact
+        if rank == 0:
+            print(f"resuming after epoch {counters['epoch'] - 1} (best BLEU-4 {counters['best_bleu4']:.4f})")
+    log_lines = [l for l in (log_path.read_text().splitlines() if log_path.is_file() else [])
+                 if l.strip() and json.loads(l)["epoch"] < counters["epoch"]]
+    if rank == 0:
+        atomic_write_text(log_path, "".join(l + "\n" for l in log_lines))
+
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
+    rows, caps = encode_samples(train_items, train_store, vocab, cfg.max_words)
+    dev_eval = dev_items[: cfg.eval_limit] if cfg.eval_limit else dev_items
+    decoding = DecodingConfig(beam_size=cfg.eval_beam, max_length=cfg.max_words)
+    meta = {"encoder": {"name": cfg.encoder, "weights_sha256": train_store.weights_sha256,
+                        "weights_source": spec.weights_source, "fine_tuned": False}}
+    for epoch in range(counters["epoch"], cfg.epochs):
+        budget = cfg.max_steps - counters["steps"] if cfg.max_steps else 0
+        if cfg.max_steps and budget <= 0:
+            break
+        if counters["epochs_since_best"] >= cfg.patience:    # resumed after the epoch that stopped it
+            break
+        stats = run_epoch(train_model, optimizer, train_store, rows, caps, cfg, epoch, device, budget)
+        counters["steps"] += stats["steps"]
+        t_eval = time.time()
+        bleu4, cider = 0.0, 0.0
+        if rank == 0:   # one rank decodes; the others wait at the broadcast instead of repeating the work
+            predictions = decode_store(model, vocab, dev_store, [it.image for it in dev_eval], decoding,
+                                       device=device)
+            # the pure-python tokenizer gives PTB's tokens on all Flickr8K captions and needs no Java round trip
+            scores = score_predictions(predictions, dev_eval, metrics=("BLEU-4", "CIDEr-D"), tokenizer="simple")
+            bleu4, cider = scores.corpus["BLEU-4"], scores.corpus["CIDEr-D"]
+        if world > 1:   # same scores everywhere -> same LR schedule and early stopping on every rank
+            shared = torch.tensor([bleu4, cider], dtype=torch.float64, device=device)
+            torch.distributed.broadcast(shared, src=0)
+            bleu4, cider = float(shared[0]), float(shared[1])
+        scheduler.step(bleu4)
+        improved = bleu4 > counters["best_bleu4"]
+        counters.update(epoch=epoch + 1, epochs_since_best=0 if improved else counters["epochs_since_best"] + 1)
+        if improved:
+            counters.update(best_bleu4=bleu4, best_epoch=epoch)
+        record = {"epoch": epoch, **stats, "dev_bleu4": bleu4, "dev_cider_d": cider,
+                  "lr": optimizer.param_groups[0]["lr"], "eval_time_s": time.time() - t_eval,
+                  "eval_beam": cfg.eval_beam, "eval_images": len(dev_eval), "time": time.time()}
+        if rank == 0:
+            training = {"config": asdict(cfg), "epoch": epoch, "dev": {"BLEU-4": bleu4, "CIDEr-D": cider},
+                        "best_epoch": counters["best_epoch"], "log": "log.jsonl"}
+            if improved:
+                save_checkpoint(best_path, model, vocab, training=training, decoding=decoding.to_dict(), **meta)
+            save_checkpoint(last_path, model, vocab, training=training, decoding=decoding.to_dict(),
+                            dtype=torch.float32, **meta)
+            log_lines.append(json.dumps(record))
+            atomic_write_text(log_path, "".join(l + "\n" for l in log_lines))
+            # the commit point: a kill before it redoes this epoch (same result), a kill after it does not
+            save_train_state(state_path, optimizer=optimizer, scheduler=scheduler, counters=counters, model=model)
+            print(f"epoch {epoch}: loss {stats['train_loss']:.3f} dev BLEU-4 {100 * bleu4:.2f} CIDEr-D {cider:.3f} "
+                  f"lr {record['lr']:.1e} ({stats['epoch_time_s']:.0f}+{record['eval_time_s']:.0f} s)", flush=True)
+        if counters["epochs_since_best"] >= cfg.patience:
+            if rank == 0:
+                print(f"early stop: no dev BLEU-4 gain for {cfg.patience} epochs")
+            break
+    if os.environ.get("CAPTIONSCOPE_DDP_CHECK") == "1":   # tests: every rank's final weights, hashed
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        atomic_write_text(out / f"rank{rank}.sha", digest.hexdigest() + "\n")
+    return best_path
+
+
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
+    parser = argparse.ArgumentParser(prog="python -m core.train", description=__doc__.split("\n\n")[0])
+    for f in fields(TrainConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                            required=f.name == "data")
+    for f in fields(ModelConfig):
+        if f.name in ("vocab_size", "encoder_dim", "num_regions"):
+            continue
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(f.default, bool) else type(f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    args = vars(parser.parse_args(argv))
+    resume = args.pop("resume")
+    cfg = TrainConfig(**{f.name: args.pop(f.name) for f in fields(TrainConfig)})
+    if cfg.encoder not in ENCODERS:
+        raise ConfigError(f"unknown encoder {cfg.encoder!r}; choose one of: {', '.join(ENCODERS)}")
+    if cfg.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
+    if cfg.batch_size < 1 or cfg.epochs < 1 or not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise ConfigError("batch size and epochs must be >= 1 and the learning rate > 0")
+    return cfg, args, resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, model_overrides, resume = parse_args(argv)
+        if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        best = train(cfg, model_overrides, resume=resume)
+        if _dist()[0] == 0:
+            print(f"best checkpoint: {best}")
+    except CaptionScopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

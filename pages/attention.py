@@ -1,0 +1,170 @@
+"""Attention: where the model looked for each word, how focused it was, and whether the word depends on it."""
+import hashlib
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core import analysis
+from core.errors import CaptionScopeError
+from ui import cache, state, widgets
+
+COLORMAPS = ["jet", "viridis", "magma", "inferno", "plasma", "turbo", "gray"]
+
+state.page_setup()
+st.title("Attention")
+captioner = state.require_captioner()
+decoding = state.decoding()
+grid = captioner.grid
+
+pick, choose = st.columns(2)
+with pick:
+    item = widgets.single_image_picker("att")
+if item is None:
+    st.stop()
+try:
+    decoded, image = cache.caption(captioner, item, decoding)
+except CaptionScopeError as e:
+    st.error(str(e))
+    st.stop()
+if not decoded.hypotheses:
+    st.warning("The decoder returned no caption for this image.")
+    st.stop()
+
+# -- which hypothesis, which word -------------------------------------------------------------------------------
+options = list(range(len(decoded.hypotheses)))
+hyp_key = f"att_hyp_{item.key[:16]}"
+widgets.init_state(hyp_key, 0, options)
+h = choose.selectbox("Hypothesis", options, key=hyp_key, disabled=len(options) == 1,
+                 format_func=lambda i: f"#{i + 1}  {' '.join(decoded.words[i]) or '(empty)'}  "
+                                       f"(log-prob {decoded.hypotheses[i].logprob:.2f})")
+hyp = decoded.hypotheses[h]
+tokens = decoded.tokens(h)
+attention = hyp.attention
+steps = len(tokens)
+dec = decoding.to_dict()
+sig = hashlib.sha1(f"{item.key}|{h}|{' '.join(tokens)}".encode()).hexdigest()[:12]
+pill_key, slider_key = f"att_word_pill_{sig}", f"att_word_slider_{sig}"
+widgets.init_state(pill_key, 0, range(steps))
+widgets.init_state(slider_key, st.session_state[pill_key], range(steps))
+
+
+def _from_pill() -> None:
+    if st.session_state.get(pill_key) is None:
+        st.session_state[pill_key] = st.session_state.get(slider_key, 0)
+    st.session_state[slider_key] = st.session_state[pill_key]
+
+
+def _from_slider() -> None:
+    st.session_state[pill_key] = st.session_state[slider_key]
+
+
+def _label(i: int) -> str:
+    """The word, made unique with zero-width spaces: the pills widget tells options apart by their label."""
+    return tokens[i] + "\u200b" * tokens[:i].count(tokens[i])
+
+
+# -- the chosen word: image on the left, words and controls on the right --------------------------------------------
+view, side = st.columns([3, 2])
+with side:
+    st.pills("Word", list(range(steps)), key=pill_key, format_func=_label, required=True, on_change=_from_pill,
+             wrap=True)
+    if steps > 1:
+        st.slider("Step", 0, steps - 1, key=slider_key, on_change=_from_slider, format="%d",
+                  help="Same as clicking the words: step through the caption.")
+    t = int(st.session_state[pill_key])
+    widgets.init_state(f"{state.PERSIST}att_opacity", 0.5)
+    widgets.init_state(f"{state.PERSIST}att_cmap", COLORMAPS[0], COLORMAPS)
+    widgets.init_state(f"{state.PERSIST}att_smooth", True)
+    opacity = st.slider("Heatmap opacity", 0.0, 1.0, step=0.05, key=f"{state.PERSIST}att_opacity")
+    c1, c2 = st.columns(2, vertical_alignment="bottom")
+    cmap = c1.selectbox("Colormap", COLORMAPS, key=f"{state.PERSIST}att_cmap")
+    smooth = c2.toggle("Smooth", key=f"{state.PERSIST}att_smooth",
+                       help="Off: one block per attention cell, which is all the model can resolve.")
+    entropy = analysis.attention_entropy(attention)
+    peak = analysis.peak_region(attention[t], grid)
+    prob = float(np.exp(hyp.token_logprobs[t]))
+    m1, m2, m3 = st.columns(3)
+    m1.metric("p(word)", f"{prob:.2f}", help="Probability the model gave this word at this step")
+    m2.metric("β gate", f"{float(hyp.betas[t]):.2f}",
+              help="How much of the attended context reaches the LSTM (near 0: the word comes from the "
+                   "language model, not the image)")
+    m3.metric("Entropy", f"{float(entropy[t]):.1f}",
+              help=f"In bits: 0 = one region, {analysis.max_entropy(attention.shape[1]):.2f} = spread evenly")
+    st.caption(f"Peak cell: row {peak[0] + 1}, column {peak[1] + 1} of {grid}×{grid} · "
+               f"max weight {float(attention[t].max()):.2f}")
+with view:
+    heat = analysis.upsample_attention(attention[t], grid, image.size, smooth=smooth)
+    st.image(analysis.overlay_heatmap(image, heat, opacity=opacity, cmap=cmap),
+             caption=f"“{tokens[t]}” (step {t + 1} of {steps})", width="stretch")
+
+# -- every word ----------------------------------------------------------------------------------------------
+st.subheader("All words")
+grid_png = cache.attention_grid_png(captioner.checkpoint_id, item.key, dec, h, opacity, cmap, smooth, 5,
+                                    image, decoded.words[h], attention, grid)
+st.image(grid_png, width="stretch")
+stem = item.name.rsplit(".", 1)[0]
+d1, d2, _ = st.columns([1, 1, 3])
+d1.download_button("Grid (PNG)", grid_png, file_name=f"{stem}-attention.png", mime="image/png",
+                   icon=":material/download:", on_click="ignore", width="stretch")
+d2.download_button("Animation (GIF)", lambda: cache.attention_gif(
+                       captioner.checkpoint_id, item.key, dec, h, opacity, cmap, smooth, image,
+                       decoded.words[h], attention, grid),
+                   file_name=f"{stem}-attention.gif", mime="image/gif", icon=":material/download:",
+                   on_click="ignore", width="stretch")
+
+st.subheader("Focus and gate per word")
+chart_data = pd.DataFrame({"step": range(1, steps + 1), "word": [f"{i + 1}. {w}" for i, w in enumerate(tokens)],
+                           "entropy (bits)": entropy, "β": hyp.betas.astype(float),
+                           "p(word)": np.exp(np.asarray(hyp.token_logprobs, dtype=float))})
+x = alt.X("word:N", sort=None, title=None, axis=alt.Axis(labelAngle=-45, labelOverlap=False))
+selected = alt.Chart(pd.DataFrame({"word": [chart_data["word"][t]]})).mark_rule(color="#94a3b8").encode(x=x)
+c1, c2 = st.columns(2)
+with c1:
+    uniform = alt.Chart(pd.DataFrame({"y": [analysis.max_entropy(attention.shape[1])]})).mark_rule(
+        strokeDash=[4, 4], color="#ef4444").encode(y=alt.Y("y:Q", title="entropy (bits)"))
+    line = alt.Chart(chart_data).mark_line(point=True).encode(
+        x=x, y=alt.Y("entropy (bits):Q", title="entropy (bits)", scale=alt.Scale(zero=True)), tooltip=["word", "entropy (bits)"])
+    st.altair_chart(selected + line + uniform, width="stretch")
+    st.caption("Attention entropy; dashed: uniform attention (no focus at all).")
+with c2:
+    line = alt.Chart(chart_data).mark_line(point=True, color="#16a34a").encode(
+        x=x, y=alt.Y("β:Q", scale=alt.Scale(domain=[0, 1])), tooltip=["word", "β", "p(word)"])
+    st.altair_chart(selected + line, width="stretch")
+    st.caption("β gate: the share of the attended context passed to the decoder at each word.")
+
+# -- occlusion ---------------------------------------------------------------------------------------------------
+st.subheader("Occlusion check")
+st.markdown(f"Attention shows where the model looked, not what it used. Grey out a region, re-encode the "
+            f"image and see whether **p(“{tokens[t]}”)** (same preceding words) drops and the caption changes.")
+modes = ["Most-attended region", "Pick cells"]
+widgets.init_state(f"{state.PERSIST}att_occl_mode", modes[0], modes)
+mode = st.radio("Region", modes, key=f"{state.PERSIST}att_occl_mode", horizontal=True)
+if mode == modes[1]:
+    c1, c2 = st.columns(2)
+    rows = c1.slider("Rows", 1, grid, (peak[0] + 1, peak[0] + 1), key=f"att_occl_rows_{sig}")
+    cols = c2.slider("Columns", 1, grid, (peak[1] + 1, peak[1] + 1), key=f"att_occl_cols_{sig}")
+    region = (rows[0] - 1, cols[0] - 1, rows[1], cols[1])
+else:
+    region = analysis.best_block(attention[t], grid)
+request = (sig, t, tuple(int(v) for v in region))
+if st.button("Run occlusion check", icon=":material/play_arrow:", type="primary"):
+    st.session_state["att_occlusion_request"] = request
+if st.session_state.get("att_occlusion_request") != request:
+    c1, _ = st.columns([1, 2])
+    c1.image(analysis.occlude(image, region, grid), width="stretch",
+             caption=f"Region to grey out: rows {region[0] + 1}–{region[2]}, columns {region[1] + 1}–{region[3]} "
+                     f"({analysis.region_mass(attention[t], grid, region):.0%} of this word's attention)")
+else:
+    result = cache.occlusion(captioner.checkpoint_id, item.key, dec, h, t, region, captioner, image, hyp)
+    c1, c2 = st.columns([1, 2])
+    c1.image(result.image, caption=f"Occluded: {result.attention_mass:.0%} of the word's attention", width="stretch")
+    with c2:
+        m1, m2, m3 = st.columns(3)
+        m1.metric(f"p(“{result.word}”) before", f"{result.prob_before:.3f}")
+        m2.metric("after", f"{result.prob_after:.3f}", delta=f"{result.prob_after - result.prob_before:+.3f}")
+        m3.metric("Relative change", f"{(result.prob_after / max(result.prob_before, 1e-12) - 1):+.0%}")
+        st.markdown(f"**Caption before:** {result.caption_before}  \n**Caption after:** {result.caption_after}")
+        if result.caption_before == result.caption_after:
+            st.caption("Same caption after occlusion.")

@@ -1,0 +1,119 @@
+"""Flickr8K browser: the dev split captioned and scored; search, sort (worst first), page, inspect one image."""
+import dataclasses
+import math
+
+import streamlit as st
+
+from core import corpus
+from core.errors import CaptionScopeError
+from core.metrics import METRIC_NAMES
+from ui import cache, state, widgets
+from ui.cache import ImageInput
+
+SORTS = {
+    "CIDEr-D, worst first": ("CIDEr-D", True), "CIDEr-D, best first": ("CIDEr-D", False),
+    "BLEU-4, worst first": ("BLEU-4", True), "BLEU-4, best first": ("BLEU-4", False),
+    "METEOR, worst first": ("METEOR", True), "METEOR, best first": ("METEOR", False),
+    "Caption length, shortest first": ("length", True), "Caption length, longest first": ("length", False),
+    "Image name": ("image", True),
+}
+WHERE = {"references and caption": "both", "references": "references", "caption": "caption"}
+P = state.PERSIST
+
+state.page_setup()
+st.title("Flickr8K browser")
+captioner = state.require_captioner()
+dataset, split, items = state.require_dev_split()
+decoding = state.decoding()
+if not decoding.do_sample:
+    decoding = dataclasses.replace(decoding, num_return_sequences=1)   # same cache entries as the sweep
+
+try:
+    predictions = cache.caption_split(captioner, items, decoding, split)
+    scores = cache.score_split(predictions, items)
+except CaptionScopeError as e:
+    st.error(str(e))
+    st.stop()
+
+# -- corpus metrics --------------------------------------------------------------------------------------------
+st.caption(f"{len(items):,} {split} images of {dataset.root.name} · captions with the sidebar's decoding "
+           "settings · metrics ×100")
+cols = st.columns(len(METRIC_NAMES))
+for col, name in zip(cols, METRIC_NAMES):
+    value = scores.corpus.get(name)
+    col.metric(name, f"{value * 100:.1f}" if value is not None else "—")
+for note in scores.notes:
+    st.caption(note)
+
+# -- table controls ----------------------------------------------------------------------------------------------
+table = corpus.browse_table(items, predictions, scores)
+widgets.init_state(f"{P}browse_sort", next(iter(SORTS)), SORTS)
+widgets.init_state(f"{P}browse_where", next(iter(WHERE)), WHERE)
+widgets.init_state(f"{P}browse_query", "")
+widgets.init_state(f"{P}browse_page_size", 25, (10, 25, 50, 100))
+c1, c2, c3, c4 = st.columns([3, 2, 2, 1])
+query = c1.text_input("Search", key=f"{P}browse_query", placeholder="e.g. dog beach",
+                      help="Every word must appear (case-insensitive).")
+where = c2.selectbox("in", list(WHERE), key=f"{P}browse_where")
+sort = c3.selectbox("Sort", list(SORTS), key=f"{P}browse_sort")
+page_size = c4.selectbox("Rows", (10, 25, 50, 100), key=f"{P}browse_page_size")
+sort_by, ascending = SORTS[sort]
+shown = corpus.filter_table(table, query, WHERE[where], sort_by, ascending)
+pages = max(1, math.ceil(len(shown) / page_size))
+widgets.init_state(f"{P}browse_page", 1)
+st.session_state[f"{P}browse_page"] = min(max(int(st.session_state[f"{P}browse_page"]), 1), pages)
+c1, c2 = st.columns([1, 4], vertical_alignment="bottom")
+page = int(c1.number_input(f"Page (of {pages})", 1, pages, step=1, key=f"{P}browse_page"))
+c2.caption(f"{len(shown):,} of {len(table):,} images match")
+if shown.empty:
+    st.info("No image matches the search.")
+    st.stop()
+
+# -- the current page (thumbnails are made for these rows only) ----------------------------------------------------
+rows = shown.iloc[(page - 1) * page_size: page * page_size].copy()
+rows.insert(0, "thumbnail", [widgets.thumbnail_uri(p, widgets.mtime_ns(p)) for p in rows["path"]])
+for metric in corpus.TABLE_METRICS:
+    rows[metric] = rows[metric] * 100
+table_key = f"browse_table_{page}_{page_size}_{sort}_{where}_{query}"
+selection = st.dataframe(
+    rows[["thumbnail", "image", "caption", *corpus.TABLE_METRICS, "length", "references_text"]],
+    hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key=table_key,
+    row_height=64, column_config={
+        "thumbnail": st.column_config.ImageColumn("", width="small"),
+        "image": st.column_config.TextColumn("Image", width="small"),
+        "caption": st.column_config.TextColumn("Caption", width="large"),
+        "references_text": st.column_config.TextColumn("References", width="large"),
+        **{m: st.column_config.NumberColumn(m, format="%.1f", width="small") for m in corpus.TABLE_METRICS},
+        "length": st.column_config.NumberColumn("Words", width="small"),
+    })
+selected_rows = selection.selection.rows if selection is not None and hasattr(selection, "selection") else []
+names = rows["image"].tolist()
+detail_key = f"browse_detail_{table_key}"
+if selected_rows:
+    st.session_state[detail_key] = names[selected_rows[0]]
+widgets.init_state(detail_key, names[0], names)
+
+# -- one image -----------------------------------------------------------------------------------------------------
+st.subheader("Details")
+name = st.selectbox("Image (or select a row above)", names, key=detail_key)
+entry = rows[rows["image"] == name].iloc[0]
+try:
+    item = ImageInput.from_path(entry["path"], "flickr8k")
+    decoded, image = cache.caption(captioner, item, decoding)
+except CaptionScopeError as e:
+    st.error(str(e))
+    st.stop()
+pic, text = st.columns([2, 3])
+pic.image(image, caption=name, width="stretch")
+with text:
+    st.markdown(f"**Caption:** {predictions[name]['caption']}")
+    st.markdown("**References:**\n" + "\n".join(f"{i + 1}. {ref}" for i, ref in enumerate(entry["references"])))
+    per = widgets.metric_row(scores.per_image.get(name, {}))
+    st.table(widgets.metric_table([{"image": "×100", **per}], label="image").T)
+st.markdown("**Attention of each word**")
+if decoded.caption != predictions[name]["caption"]:
+    st.caption(f"Decoded from the image file: “{decoded.caption}” (the split run used the cached float16 "
+               "features, which can tip a close decision).")
+grid_png = cache.attention_grid_png(captioner.checkpoint_id, item.key, decoding.to_dict(), 0, 0.5, "jet", True, 5,
+                                    image, decoded.words[0], decoded.hypotheses[0].attention, captioner.grid)
+st.image(grid_png, width="stretch")

@@ -1,0 +1,91 @@
+"""Caption: upload photos or pick examples; n-best captions, scores and timings; CSV / JSON download."""
+import json
+
+import pandas as pd
+import streamlit as st
+
+from core.errors import CaptionScopeError
+from core.images import SUPPORTED_EXTENSIONS
+from ui import cache, state, widgets
+from ui.cache import ImageInput
+
+state.page_setup()
+st.title("Caption")
+captioner = state.require_captioner()
+decoding = state.decoding()
+mode = (f"sampling {decoding.num_return_sequences} (T={decoding.temperature:g}, top-k={decoding.top_k}, "
+        f"seed {decoding.seed})" if decoding.do_sample else
+        "greedy search" if decoding.beam_size == 1 else f"beam search, width {decoding.beam_size}")
+st.caption(f"Decoding: {mode} · length penalty {decoding.length_penalty:g} · max length {decoding.max_length}"
+           f"{f' · no-repeat {decoding.no_repeat_ngram_size}-grams' if decoding.no_repeat_ngram_size else ''}"
+           " (change in the sidebar)")
+
+left, right = st.columns([3, 2])
+with left:
+    uploads = st.file_uploader("Upload photos", type=list(SUPPORTED_EXTENSIONS), accept_multiple_files=True,
+                               key="caption_uploads", help=widgets.upload_help())
+with right:
+    examples = state.example_images()
+    key = f"{state.PERSIST}caption_examples"
+    requested = st.session_state.pop("requested_example", None)
+    if requested in examples:
+        st.session_state[key] = [requested]
+    widgets.init_state(key, [] if uploads else list(examples)[:1])
+    st.session_state[key] = [n for n in st.session_state[key] if n in examples]
+    picked = st.pills("Or pick examples", list(examples), selection_mode="multi", key=key, wrap=True)
+st.caption(f"Images over {widgets.MAX_UPLOAD_MB} MB are refused; large photos are downscaled before encoding.")
+
+# (name, ImageInput or error message), in the order shown
+inputs: list[tuple[str, ImageInput | str]] = []
+for upload in uploads or []:
+    try:
+        inputs.append((upload.name, ImageInput.from_upload(upload)))
+    except CaptionScopeError as e:
+        inputs.append((upload.name, str(e)))
+for name in picked or []:
+    try:
+        inputs.append((name, widgets.example_input(name)))
+    except CaptionScopeError as e:
+        inputs.append((name, str(e)))
+
+if not inputs:
+    st.info("Upload a photo or pick an example to caption it.")
+    st.stop()
+
+records = []
+for label, item in inputs:
+    st.divider()
+    if isinstance(item, str):
+        st.error(item)
+        continue
+    try:
+        decoded, image = cache.caption(captioner, item, decoding)
+    except CaptionScopeError as e:
+        st.error(str(e))
+        continue
+    pic, text = st.columns([2, 3])
+    pic.image(image, caption=item.name, width="stretch")
+    with text:
+        st.subheader(decoded.caption or "(empty caption)")
+        st.caption(f"encode {decoded.encode_ms:.0f} ms · decode {decoded.decode_ms:.0f} ms · "
+                   f"{len(decoded.hypotheses)} hypothes{'is' if len(decoded.hypotheses) == 1 else 'es'}")
+        frame = widgets.nbest_frame(decoded)
+        shown = ["rank", "caption", "log-prob", "normalised", "length"]
+        if decoding.length_penalty:
+            shown.insert(3, "score")        # with α = 0 the score is the log-prob
+        st.dataframe(frame, hide_index=True, column_config=widgets.NBEST_COLUMNS, column_order=shown,
+                     width="stretch")
+    for row in frame.to_dict("records"):
+        records.append({"image": item.name, "sha256": item.key, **row,
+                        "encode_ms": round(decoded.encode_ms, 1), "decode_ms": round(decoded.decode_ms, 1)})
+
+if records:
+    st.divider()
+    table = pd.DataFrame(records)
+    payload = {"checkpoint": captioner.path.name if captioner.path else None,
+               "checkpoint_sha256": captioner.checkpoint_id, "decoding": decoding.to_dict(), "results": records}
+    c1, c2, _ = st.columns([1, 1, 3])
+    c1.download_button("Download CSV", table.to_csv(index=False), file_name="captions.csv", mime="text/csv",
+                       icon=":material/download:", on_click="ignore", width="stretch")
+    c2.download_button("Download JSON", json.dumps(payload, indent=2), file_name="captions.json",
+                       mime="application/json", icon=":material/download:", on_click="ignore", width="stretch")

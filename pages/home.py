@@ -1,0 +1,60 @@
+"""Home: what the loaded model is, how good it is on Flickr8K dev, and example photos to try."""
+from pathlib import Path
+
+import streamlit as st
+
+from ui import state, widgets
+
+state.page_setup()
+st.title("CaptionScope")
+st.markdown("Inspect a **Show, Attend and Tell** image captioner: what it says, where it looks while saying "
+            "each word, and how decoding settings change the result.")
+
+captioner, error = state.get_captioner()
+if captioner is None:
+    st.error(error)
+else:
+    meta = captioner.metadata
+    training = meta.get("training", {}) if isinstance(meta.get("training"), dict) else {}
+    config = training.get("config", {}) if isinstance(training.get("config"), dict) else {}
+    dataset = Path(str(config["data"])).name if config.get("data") else "unknown"
+    dev = training.get("dev", {}) if isinstance(training.get("dev"), dict) else {}
+
+    facts = {"Encoder": captioner.encoder_name + (" (fine-tuned)" if captioner.fine_tuned else " (frozen)"),
+             "Trained on": dataset, "Vocabulary": f"{len(captioner.vocab):,} words",
+             "Attention grid": f"{captioner.grid}×{captioner.grid} regions",
+             "Checkpoint": captioner.path.name if captioner.path else "?"}
+    widgets.facts_row(facts)
+    if dev:
+        st.subheader("Dev-split scores (from the checkpoint)")
+        mcols = st.columns(max(len(dev), 1))
+        for col, (name, value) in zip(mcols, dev.items()):
+            if isinstance(value, (int, float)):
+                col.metric(f"{name} ×100", f"{value * 100:.1f}")
+        epoch, beam = training.get("best_epoch", training.get("epoch")), config.get("eval_beam")
+        st.caption(" · ".join(x for x in [f"best epoch {epoch}" if epoch is not None else "",
+                                          f"beam {beam}" if beam else "",
+                                          "details on the Model card page"] if x))
+
+st.subheader("Try an example")
+examples = state.example_images()
+if not examples:
+    st.info("No example photos in assets/examples/.")
+else:
+    cols = st.columns(len(examples))
+    for col, (name, path) in zip(cols, examples.items()):
+        with col:
+            st.image(widgets.square_thumbnail(str(path), widgets.mtime_ns(path)), width="stretch")
+            if st.button(f"Caption “{name}”", key=f"home_example_{name}", width="stretch"):
+                st.session_state["requested_example"] = name
+                st.switch_page("pages/caption.py")
+    st.caption("Public-domain / CC0 photos from scikit-image's sample data (assets/examples/README.md).")
+
+st.subheader("Pages")
+st.markdown(
+    "- **Caption**: upload photos (or pick examples) and get the n-best captions with scores and timings.\n"
+    "- **Attention**: the attention map behind every word, its entropy and the β gate, and an occlusion check "
+    "of whether the word really depends on the region it looked at.\n"
+    "- **Beam comparison**: one image at beam widths 1–10, and a BLEU-4 / CIDEr-D sweep over Flickr8K dev.\n"
+    "- **Flickr8K browser**: every dev image with its references, caption and scores; sort by the worst.\n"
+    "- **Model card**: training curves, configuration and metrics next to the paper's Flickr8K numbers.")

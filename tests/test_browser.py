@@ -1,0 +1,174 @@
+"""The dashboard in a real browser: `streamlit run` on localhost, driven by headless Chromium at 1280x800.
+
+Uploads a photo through the Caption page's real file input, checks its caption against the model run
+in-process, looks at its attention heatmap, visits every page (no error box, no horizontal scroll) and
+saves a screenshot of each into $CAPTIONSCOPE_SCREENSHOTS (default: a tmp folder). A second test uploads
+a text file named .jpg next to a good photo: the error shows in place and the photo is still captioned.
+
+Data: the 8-image `tiny_flickr` fixture. For the README screenshots run
+
+    CAPTIONSCOPE_SCREENSHOTS=docs/screenshots FLICKR8K_DIR=/path/to/flickr8k pytest tests/test_browser.py
+
+(screenshot mode: the real Flickr8K folder and feature cache are used, and the first visit of the browser
+page captions the whole dev split, which takes minutes on a CPU).
+"""
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageOps
+
+from tests.browser import (REPO, caption_rows, checkpoint_folder, chromium, dashboard_server, decoding_line,
+                           error_boxes, goto_page, horizontal_overflow, nav_titles, new_page, requires_chromium, screenshot,
+                           wait_idle, app_decoding)
+
+SCREENSHOTS = os.environ.get("CAPTIONSCOPE_SCREENSHOTS", "").strip()
+SCREENSHOT_MODE = bool(SCREENSHOTS and os.environ.get("FLICKR8K_DIR"))
+PAGE_TIMEOUT_S = 900 if SCREENSHOT_MODE else 60      # the real dev split is captioned on the first visit
+PHOTO = REPO / "assets" / "examples" / "coffee.jpg"
+PAGES = ["Home", "Caption", "Attention", "Beam comparison", "Flickr8K browser", "Model card"]
+
+pytestmark = [requires_chromium, pytest.mark.timeout(1800 if SCREENSHOT_MODE else 180)]
+
+
+def upload_bytes() -> bytes:
+    """A photo that is not one of the bundled examples (mirrored), written by PIL as a JPEG."""
+    buffer = io.BytesIO()
+    ImageOps.mirror(Image.open(PHOTO).convert("RGB")).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo() -> tuple[str, bytes]:
+    return "my-photo.jpg", upload_bytes()
+
+
+@pytest.fixture(scope="module")
+def expected(request, tmp_path_factory, photo):
+    """(checkpoint folder, decoding config, best caption of the photo) from the model run in-process."""
+    from core.captioner import Captioner
+    folder = checkpoint_folder(request, tmp_path_factory)
+    captioner = Captioner.from_checkpoint(folder / "captionscope-lite2.safetensors")
+    config = app_decoding(captioner)
+    caption = captioner.caption(photo[1], config, name=photo[0]).caption
+    assert caption.strip()
+    return folder, config, caption
+
+
+@pytest.fixture(scope="module")
+def server(expected, tiny_flickr, tmp_path_factory):
+    folder = expected[0]
+    env = {"CAPTIONSCOPE_CHECKPOINT_DIR": str(folder)}
+    if SCREENSHOT_MODE:
+        env["FLICKR8K_DIR"] = os.environ["FLICKR8K_DIR"]
+    else:
+        env["FLICKR8K_DIR"] = str(tiny_flickr)
+        env["CAPTIONSCOPE_FEATURES_DIR"] = str(tmp_path_factory.mktemp("no_features"))
+    with dashboard_server(env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def screenshot_dir(tmp_path_factory) -> Path:
+    return Path(SCREENSHOTS) if SCREENSHOTS else tmp_path_factory.mktemp("screenshots")
+
+
+def file_payload(name: str, data: bytes, mime: str = "image/jpeg") -> dict:
+    return {"name": name, "mimeType": mime, "buffer": data}
+
+
+def upload(page, *files: dict) -> None:
+    page.locator('[data-testid="stMain"] [data-testid="stFileUploaderDropzoneInput"]').set_input_files(list(files))
+
+
+def wait_for_caption_of(page, name: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = dict(caption_rows(page))
+        if name in found:
+            wait_idle(page, timeout_s)
+            return dict(caption_rows(page))[name]
+        page.wait_for_timeout(200)
+    raise AssertionError(f"no caption for {name} after {timeout_s:.0f} s; rows: {caption_rows(page)}")
+
+
+def check_page(page, title: str, folder: Path) -> list[str]:
+    """Screenshot the page, then return what is wrong with it (error boxes, horizontal scroll)."""
+    path = screenshot(page, folder, title.lower().replace(" ", "_"))
+    problems = [f"{title}: error box: {text[:300]!r}" for text in error_boxes(page)]
+    overflow = horizontal_overflow(page)
+    problems += [f"{title}: scrolls sideways in {where} by {px} px" for where, px in overflow.items() if px > 0]
+    assert path.stat().st_size > 10_000, path          # a real picture of the page, not a blank
+    return problems
+
+
+def test_every_page_in_a_real_browser(server, browser, expected, photo, screenshot_dir):
+    _, config, expected_caption = expected
+    name, data = photo
+    page = new_page(browser, server.url)
+    problems: list[str] = []
+    try:
+        wait_idle(page, PAGE_TIMEOUT_S)
+        assert nav_titles(page) == PAGES            # st.navigation's pages, not the pages/ folder's files
+        problems += check_page(page, "Home", screenshot_dir)
+
+        # Caption: the upload goes through the page's real <input type=file>
+        goto_page(page, "Caption", PAGE_TIMEOUT_S)
+        upload(page, file_payload(name, data))
+        assert wait_for_caption_of(page, name, PAGE_TIMEOUT_S) == expected_caption
+        assert page.get_by_text(decoding_line(config)).count() == 1       # the app decodes as we did
+        problems += check_page(page, "Caption", screenshot_dir)
+
+        # Attention: the same photo, uploaded there; the overlay of the first word is the heatmap
+        goto_page(page, "Attention", PAGE_TIMEOUT_S)
+        page.locator('[data-testid="stMain"] button', has_text="Upload").first.click()
+        wait_idle(page, PAGE_TIMEOUT_S)
+        upload(page, file_payload(name, data))
+        first_word = expected_caption.split()[0]
+        overlay = page.locator('[data-testid="stImage"]').filter(
+            has=page.get_by_text(f"“{first_word}” (step 1 of", exact=False))
+        overlay.first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+        wait_idle(page, PAGE_TIMEOUT_S)
+        assert overlay.first.locator("img").evaluate("img => img.complete && img.naturalWidth > 100")
+        problems += check_page(page, "Attention", screenshot_dir)
+
+        for title in PAGES[3:]:
+            goto_page(page, title, PAGE_TIMEOUT_S)
+            problems += check_page(page, title, screenshot_dir)
+        goto_page(page, "Home", PAGE_TIMEOUT_S)        # back home: the sidebar still works after every page
+        assert not error_boxes(page)
+    finally:
+        page.context.close()
+    assert not problems, problems
+
+
+def test_bad_upload_shows_error_in_place(server, browser, expected, photo):
+    _, _, expected_caption = expected
+    name, data = photo
+    page = new_page(browser, f"{server.url}/caption")
+    try:
+        wait_idle(page, PAGE_TIMEOUT_S)
+        upload(page, file_payload("notes.jpg", b"These are my notes, not a photo.\n" * 20),
+               file_payload(name, data))
+        caption = wait_for_caption_of(page, name, PAGE_TIMEOUT_S)
+        errors = error_boxes(page)
+        assert len(errors) == 1 and errors[0].startswith("notes.jpg:"), errors
+        assert "Traceback" not in errors[0] and "\n" not in errors[0].strip()
+        assert caption == expected_caption
+        # the error sits in the results, before the good photo's row (files are shown in upload order)
+        error_y = page.locator('[data-testid="stAlertContentError"]').first.bounding_box()["y"]
+        photo_y = page.locator('[data-testid="stImageCaption"]', has_text=name).first.bounding_box()["y"]
+        assert error_y < photo_y
+        assert horizontal_overflow(page)["document"] <= 0
+    finally:
+        page.context.close()

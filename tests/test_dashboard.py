@@ -1,0 +1,225 @@
+"""The Streamlit dashboard, driven headless through streamlit.testing.v1.AppTest.
+
+Uses the bundled checkpoint when it is there (else the tiny trained one from conftest), copied into a
+temporary checkpoint folder together with its training log, a made-up `.eval.json` and a README, so the
+model card has everything to show. FLICKR8K_DIR points at the 8-image `tiny_flickr` fixture and every
+cache goes to tmp. Page switching: `pages/` makes AppTest run each page file on its own, which is why
+every page draws the shared sidebar itself (ui.state.page_setup).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from streamlit.testing.v1 import AppTest
+
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "dashboard.py")
+TIMEOUT = 120
+BUNDLED = REPO / "checkpoints" / "captionscope-lite2.safetensors"
+EXAMPLE = REPO / "assets" / "examples" / "astronaut.jpg"
+EVAL = {"beam_1": {"BLEU-1": 0.61, "BLEU-4": 0.1234, "METEOR": 0.2, "CIDEr-D": 0.5},
+        "beam_3": {"BLEU-1": 0.62, "BLEU-4": 0.1357, "CIDEr-D": 0.52}}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(request, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("checkpoints")
+    if BUNDLED.is_file():
+        source, log = BUNDLED, BUNDLED.with_name(f"{BUNDLED.stem}.log.jsonl")
+    else:
+        run = request.getfixturevalue("tiny_run")
+        source, log = run / "best.safetensors", run / "log.jsonl"
+    target = folder / "captionscope-lite2.safetensors"
+    shutil.copyfile(source, target)
+    if log.is_file():
+        shutil.copyfile(log, folder / "captionscope-lite2.log.jsonl")
+    (folder / "captionscope-lite2.eval.json").write_text(json.dumps(EVAL))
+    (folder / "README.md").write_text("# Checkpoints\n\nTest notes about the bundled model.\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def env(checkpoint_dir, tiny_flickr, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CAPTIONSCOPE_CHECKPOINT_DIR", str(checkpoint_dir))
+    mp.setenv("CAPTIONSCOPE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("CAPTIONSCOPE_FEATURES_DIR", str(tmp_path_factory.mktemp("no_features")))
+    mp.setenv("FLICKR8K_DIR", str(tiny_flickr))
+    yield checkpoint_dir
+    mp.undo()
+
+
+def start(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def jpeg_bytes(path: Path) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def widget(elements, label: str):
+    found = [e for e in elements if e.label == label]
+    assert found, f"no widget labelled {label!r} (have {[e.label for e in elements]})"
+    return found[0]
+
+
+def test_every_page_renders(env):
+    at = start()
+    assert at.title[0].value == "CaptionScope"
+    assert not at.error, [e.value for e in at.error]
+    assert widget(at.selectbox, "Checkpoint").value == "captionscope-lite2.safetensors"
+    flickr = os.environ["FLICKR8K_DIR"]
+    assert widget(at.text_input, "Flickr8K folder").value == flickr      # from $FLICKR8K_DIR
+    titles = {"caption": "Caption", "attention": "Attention", "beams": "Beam comparison",
+              "browser": "Flickr8K browser", "model_card": "Model card", "home": "CaptionScope"}
+    for page, title in titles.items():
+        at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert not at.error, (page, [e.value for e in at.error])
+        assert at.title[0].value == title
+        # the shared sidebar is on every page, with the state it had
+        assert widget(at.selectbox, "Checkpoint").value == "captionscope-lite2.safetensors"
+        assert widget(at.text_input, "Flickr8K folder").value == flickr
+
+
+def test_caption_example_and_nbest(env):
+    at = start("caption")
+    captions = [s.value for s in at.main.subheader]
+    assert captions and all(c.strip() and c != "(empty caption)" for c in captions)
+    widget(at.slider, "Beam width").set_value(3).run()
+    assert not at.exception
+    nbest = at.dataframe[0].value
+    assert len(nbest) == 3 and list(nbest["rank"]) == [1, 2, 3]
+    assert (nbest["log-prob"].diff().dropna() <= 1e-6).all() or at.session_state["decoding"].length_penalty
+    assert {b.label for b in at.get("download_button")} == {"Download CSV", "Download JSON"}
+
+
+def test_caption_bad_upload_keeps_the_others(env):
+    at = start("caption")
+    uploader = [u for u in at.get("file_uploader") if u.label == "Upload photos"][0]
+    uploader.set_value([("notes.jpg", b"<html>not an image</html>", "image/jpeg"),
+                        ("good.jpg", jpeg_bytes(EXAMPLE), "image/jpeg")]).run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith("notes.jpg:") and "\n" not in errors[0]
+    # the good upload and the example picked by default are both captioned
+    assert len([s for s in at.main.subheader if s.value.strip()]) == 2
+    assert len(at.dataframe) == 2
+
+
+def test_attention_words_grid_and_occlusion(env):
+    from core.analysis import END_TOKEN
+    from core.captioner import Captioner
+    at = start("attention")
+    decoding = at.session_state["decoding"]
+    expected = Captioner.from_checkpoint(env / "captionscope-lite2.safetensors").caption(EXAMPLE, decoding)
+    hyp = expected.hypotheses[0]
+    tokens = expected.words[0] + ([END_TOKEN] if hyp.finished else [])
+    words = widget(at.pills, "Word")
+    assert len(words.options) == len(tokens) == hyp.attention.shape[0]
+    assert [o.replace("\u200b", "") for o in words.options] == tokens
+    images = at.get("image")
+    assert len(images) >= 2     # the chosen word's overlay and the grid of all words
+    if len(tokens) > 2:
+        words.set_value(2).run()
+        assert not at.exception
+        assert widget(at.slider, "Step").value == 2
+        widget(at.slider, "Step").set_value(1).run()
+        assert widget(at.pills, "Word").value == 1
+    [b for b in at.button if b.label == "Run occlusion check"][0].click().run()
+    assert not at.exception
+    labels = [m.label for m in at.metric]
+    assert any(label.endswith("before") for label in labels) and "after" in labels
+    assert any("Caption after" in m.value for m in at.markdown)
+    assert {b.label for b in at.get("download_button")} >= {"Grid (PNG)", "Animation (GIF)"}
+
+
+def test_beam_comparison_rows_and_sweep(env):
+    at = start("beams")
+    widget(at.multiselect, "Beam widths").set_value([1, 2, 4]).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["width"]) == [1, 2, 4]
+    assert table["caption"].str.len().gt(0).all()
+    assert (table["logprob"].iloc[1:] >= table["logprob"].iloc[0] - 1e-4).all() or \
+        at.session_state["decoding"].length_penalty    # wider beams never find a less likely caption at α = 0
+    widget(at.number_input, "dev images (first n)").set_value(4).run()
+    [b for b in at.button if b.label.startswith("Run the sweep")][0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    sweep = at.dataframe[1].value
+    assert list(sweep["width"]) == [1, 2, 4]
+    assert sweep["BLEU-4"].between(0, 100).all() and sweep["mean_length"].gt(0).all()
+
+
+def test_flickr_browser_filters_and_details(env):
+    at = start("browser")
+    assert [m.label for m in at.metric][:4] == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]
+    table = at.dataframe[0].value
+    assert len(table) == 8
+    assert table["thumbnail"].str.startswith("data:image/jpeg;base64,").all()
+    cider = table["CIDEr-D"].tolist()
+    assert cider == sorted(cider)                                   # default sort: worst first
+    widget(at.text_input, "Search").set_value("red").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert len(table) == 2 and table["image"].str.contains("red").all()
+    detail = widget(at.selectbox, "Image (or select a row above)").value
+    assert detail in set(table["image"])
+    references = [m.value for m in at.markdown if m.value.startswith("**References:**")]
+    assert references and references[0].count("\n") == 5              # 5 numbered references
+    widget(at.selectbox, "Rows").set_value(10).run()
+    assert not at.exception
+
+
+def test_model_card_metric_table(env):
+    at = start("model_card")
+    metrics = at.table[0].value
+    assert "Xu et al. 2015, soft attention" in metrics.index
+    assert metrics.loc["Xu et al. 2015, soft attention", "BLEU-4"] == "19.5"
+    assert metrics.loc["Xu et al. 2015, hard attention", "METEOR"] == "20.3"
+    assert metrics.loc["This checkpoint, beam 1", "BLEU-4"] == "12.3"     # from the .eval.json, x100
+    assert metrics.loc["This checkpoint, beam 3", "METEOR"] == "—"
+    assert any(i.startswith("This checkpoint, dev") for i in metrics.index)
+    assert len(at.get("vega_lite_chart")) >= 1                    # training curves from the log
+    assert any(e.label.endswith("README.md") for e in at.expander)
+
+
+def test_bad_checkpoint_is_one_line_error(env, tmp_path, monkeypatch):
+    (tmp_path / "broken.safetensors").write_bytes(b"\x80\x04 definitely a pickle")
+    monkeypatch.setenv("CAPTIONSCOPE_CHECKPOINT_DIR", str(tmp_path))
+    at = start()
+    errors = [e.value for e in at.sidebar.error]
+    assert len(errors) == 1 and "broken.safetensors" in errors[0] and "\n" not in errors[0]
+    at.switch_page("pages/caption.py").run()
+    assert not at.exception
+    assert any("broken.safetensors" in e.value for e in at.main.error)
+
+
+def test_checkpoint_upload(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIONSCOPE_CACHE_DIR", str(tmp_path))
+    at = start()
+    uploader = [u for u in at.get("file_uploader") if u.label.startswith("CaptionScope")][0]
+    uploader.set_value(("evil.safetensors", b"PK\x03\x04 zip from torch.save", "application/octet-stream")).run()
+    assert not at.exception
+    assert any("evil.safetensors" in e.value and "pickle" in e.value for e in at.sidebar.error)
+    assert not list((tmp_path / "uploaded_checkpoints").glob("*.safetensors"))
+    data = (env / "captionscope-lite2.safetensors").read_bytes()
+    [u for u in at.get("file_uploader") if u.label.startswith("CaptionScope")][0].set_value(
+        ("my model.safetensors", data, "application/octet-stream")).run()
+    assert not at.exception
+    assert widget(at.selectbox, "Checkpoint").value == "my_model.safetensors (uploaded)"
+    assert (tmp_path / "uploaded_checkpoints" / "my_model.safetensors").read_bytes() == data

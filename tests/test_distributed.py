@@ -1,0 +1,103 @@
+"""torchrun scale-out on 2 CPU ranks (gloo): replicas agree, the N-rank update equals the 1-rank update with
+the same global batch, and sharded feature extraction equals a single-process run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.checkpoint import load_checkpoint
+from core.features import open_features
+from core.train import main as train_main
+
+from conftest import REPO, TINY_MODEL
+
+TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(module: str, args: list[str], ranks: int = 2, **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", module, *args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
+    done = subprocess.run(cmd, cwd=REPO, env=environment, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def uneven_flickr(tiny_flickr: Path, root: Path) -> Path:
+    """The tiny images with captions of very different lengths, so the 2 ranks get different token counts
+    (with equal lengths a wrong per-rank normalisation would go unnoticed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "images").symlink_to(tiny_flickr / "images")
+    lines = []
+    for i, line in enumerate((tiny_flickr / "Flickr8k.token.txt").read_text().splitlines()):
+        key, caption = line.split("\t")
+        words = caption.split()
+        lines.append(f"{key}\t{' '.join(words[: 2 + (i * 5) % 7])}" if i % 3 else
+                     f"{key}\t{caption} next to a very long and winding road")
+    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    for split in ("train", "dev"):
+        shutil.copyfile(tiny_flickr / f"Flickr_8k.{split}Images.txt", root / f"Flickr_8k.{split}Images.txt")
+    return root
+
+
+def common(data: Path, features: Path) -> list[str]:
+    return ["--data", str(data), "--features", str(features), "--min-count", "1", "--eval-beam", "1",
+            "--lr", "3e-3", "--precision", "fp32", "--seed", "1", "--patience", "99", *TINY_MODEL]
+
+
+def test_two_ranks_end_with_identical_weights_and_loss_falls(tiny_flickr, tiny_features, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun("core.train", [*common(tiny_flickr, tiny_features), "--out", str(out), "--epochs", "6",
+                            "--batch-size", "8"], CAPTIONSCOPE_DDP_CHECK="1")
+    shas = [(out / f"rank{r}.sha").read_text().strip() for r in range(2)]
+    assert shas[0] == shas[1] and len(shas[0]) == 64
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]   # rank 0 only: one line/epoch
+    assert [r["epoch"] for r in log] == list(range(6))
+    assert log[-1]["train_loss"] < 0.7 * log[0]["train_loss"]
+    assert (out / "last.safetensors").is_file() and not list(out.glob("*rank1*.safetensors"))
+
+
+def test_two_rank_update_equals_one_rank_update_with_the_same_global_batch(tiny_flickr, tiny_features, tmp_path):
+    data = uneven_flickr(tiny_flickr, tmp_path / "uneven")
+    # two optimiser steps: Adam's first step is ~lr*sign(grad) whatever the gradient's scale, the second is not
+    args = [*common(data, tiny_features), "--epochs", "1", "--batch-size", "10", "--max-steps", "2",
+            "--alpha-c", "1.0"]
+    torchrun("core.train", [*args, "--out", str(tmp_path / "two")])
+    torch.set_num_threads(1)
+    assert train_main([*args, "--out", str(tmp_path / "one")]) == 0
+    two = load_checkpoint(tmp_path / "two" / "last.safetensors").model.state_dict()
+    one = load_checkpoint(tmp_path / "one" / "last.safetensors").model.state_dict()
+    # the softmax ignores a shift of all energies, so attention.score.bias has a true gradient of 0: Adam
+    # turns its rounding noise into +-lr steps, different on every run; every other weight must agree
+    for name in (n for n in one if n != "attention.score.bias"):
+        assert torch.allclose(two[name], one[name], rtol=1e-4, atol=2e-6), name
+    log_one = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])
+    log_two = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])
+    assert abs(log_one["train_loss"] - log_two["train_loss"]) < 1e-5 * log_one["train_loss"]
+    assert log_one["steps"] == log_two["steps"] == 2
+
+
+def test_sharded_feature_extraction_equals_a_single_process_run(tiny_flickr, tiny_features, tmp_path):
+    out = tmp_path / "sharded"
+    torchrun("core.features", ["--data", str(tiny_flickr), "--split", "train", "--out", str(out),
+                               "--workers", "0", "--batch-size", "3"])
+    sharded, single = open_features(out, "efficientnet_lite2", "train"), open_features(tiny_features,
+                                                                                      "efficientnet_lite2", "train")
+    assert sharded.images == single.images and sharded.weights_sha256 == single.weights_sha256
+    np.testing.assert_allclose(np.asarray(sharded.array, np.float32), np.asarray(single.array, np.float32),
+                               rtol=1e-2, atol=1e-2)
+    assert not list((out / "efficientnet_lite2").glob("*partial*"))      # shards merged and cleaned up

@@ -1,0 +1,74 @@
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from core.encoders import ENCODERS, build_encoder, lite2_package_weights, map_lite2_state_dict
+from core.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_random_weight_encoders_give_7x7_maps(name):
+    encoder = build_encoder(name, "none").eval()
+    pixels = torch.stack([encoder.preprocess(Image.new("RGB", (320, 200), c)) for c in ("red", "blue")])
+    assert pixels.shape == (2, 3, 224, 224) and pixels.dtype == torch.uint8   # resized, not cropped
+    with torch.inference_mode():
+        feats = encoder(pixels)
+    assert feats.shape == (2, 49, ENCODERS[name].feature_dim)
+    assert not torch.allclose(feats[0], feats[1])
+
+
+def test_lite2_package_weights_load_strictly_and_classify():
+    encoder = build_encoder("efficientnet_lite2")
+    assert encoder.weights_sha256 and len(encoder.weights_sha256) == 64
+    # an ImageNet model must tell a flat orange image from a flat blue one with different top classes
+    x = torch.stack([encoder.preprocess(Image.new("RGB", (224, 224), c)) for c in ((255, 140, 0), (0, 0, 255))])
+    with torch.inference_mode():
+        logits = encoder.backbone((x.float() / 255 - encoder.mean) / encoder.std)
+    assert logits.shape == (2, 1000) and logits[0].argmax() != logits[1].argmax()
+
+
+def test_lite2_mapping_is_by_name_not_order():
+    import timm
+
+    source = torch.load(lite2_package_weights(), map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    in_order = map_lite2_state_dict(source, model)
+    keys = list(source)
+    random.Random(0).shuffle(keys)
+    shuffled = map_lite2_state_dict({k: source[k] for k in keys}, model)
+    assert set(in_order) == set(model.state_dict())
+    assert all(torch.equal(in_order[k], shuffled[k]) for k in in_order)
+    model.load_state_dict(shuffled, strict=True)
+
+
+def test_lite2_rejects_unknown_keys(tmp_path):
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    with pytest.raises(ConfigError, match="unexpected"):
+        map_lite2_state_dict({"_mystery.weight": torch.zeros(1)}, model)
+
+
+def test_local_weight_file_round_trip_and_errors(tmp_path):
+    encoder = build_encoder("densenet201", "none")
+    path = tmp_path / "densenet.pth"
+    torch.save(encoder.backbone.state_dict(), path)
+    again = build_encoder("densenet201", path)
+    assert again.weights_sha256 and torch.equal(again.backbone.features.conv0.weight, encoder.backbone.features.conv0.weight)
+    with pytest.raises(ConfigError, match="not found"):
+        build_encoder("densenet201", tmp_path / "missing.pth")
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(ConfigError, match="does not fit"):
+        build_encoder("densenet201", tmp_path / "wrong.pth")
+    with pytest.raises(ConfigError, match="unknown encoder"):
+        build_encoder("resnet9000")
+
+
+def test_fine_tuning_unfreezes_only_the_last_blocks():
+    encoder = build_encoder("efficientnet_lite2", "none")
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.set_trainable_blocks(1)
+    trainable = {n for n, p in encoder.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("conv_head", "bn2")) for n in trainable)

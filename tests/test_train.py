@@ -1,0 +1,48 @@
+import json
+
+import torch
+
+from core.checkpoint import load_checkpoint
+from core.decoding import DecodingConfig
+from core.features import open_features
+from core.train import main
+
+from conftest import TINY_MODEL, tiny_pairs
+
+
+def test_tiny_model_memorises_its_captions(tiny_run, tiny_features):
+    ckpt = load_checkpoint(tiny_run / "best.safetensors")
+    store = open_features(tiny_features, "efficientnet_lite2", "dev")
+    from core.decoding import generate
+    nbest = generate(ckpt.model, store.get(list(range(len(store)))), DecodingConfig(beam_size=3))
+    got = {name: ckpt.vocab.decode(h[0].token_ids) for name, h in zip(store.images, nbest)}
+    assert got == dict(tiny_pairs())
+
+
+def test_log_has_one_line_per_epoch_and_loss_falls(tiny_run):
+    lines = [json.loads(l) for l in (tiny_run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(len(lines))) and len(lines) >= 5
+    assert lines[-1]["train_loss"] < 0.5 * lines[0]["train_loss"]
+    assert {"train_loss", "dev_bleu4", "dev_cider_d", "lr", "epoch_time_s"} <= set(lines[0])
+    best = max(lines, key=lambda r: r["dev_bleu4"])
+    meta = load_checkpoint(tiny_run / "best.safetensors").training
+    assert meta["dev"]["BLEU-4"] == best["dev_bleu4"]
+
+
+def test_resume_after_interruption_ends_at_same_weights(tiny_flickr, tiny_features, tmp_path):
+    args = ["--data", str(tiny_flickr), "--features", str(tiny_features), "--batch-size", "8", "--lr", "3e-3",
+            "--min-count", "1", "--eval-beam", "1", "--seed", "3", "--patience", "99", *TINY_MODEL]
+    assert main([*args, "--out", str(tmp_path / "straight"), "--epochs", "4"]) == 0
+    assert main([*args, "--out", str(tmp_path / "resumed"), "--epochs", "2"]) == 0     # "killed" after 2
+    assert main([*args, "--out", str(tmp_path / "resumed"), "--epochs", "4", "--resume"]) == 0
+    a = load_checkpoint(tmp_path / "straight" / "last.safetensors").model.state_dict()
+    b = load_checkpoint(tmp_path / "resumed" / "last.safetensors").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(l)["epoch"] for l in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]
+
+
+def test_bad_arguments_exit_non_zero(tiny_flickr, tmp_path, capsys):
+    assert main(["--data", str(tiny_flickr), "--features", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "no finished feature cache" in capsys.readouterr().err
+    assert main(["--data", str(tiny_flickr), "--encoder", "vgg", "--out", str(tmp_path)]) == 2

@@ -1,0 +1,165 @@
+"""Cached calls into core/, so moving between words, beams and pages never recomputes anything.
+
+Per-image results go through `st.cache_data`, keyed by (checkpoint id = file sha256, image content hash,
+decoding dict, ...). The heavy live objects (captioner, image, features) are passed as `_`-prefixed
+arguments, which Streamlit does not hash. Corpus work reports progress while it runs, and a cached
+function may not draw into elements created outside it, so corpus results use core.corpus.CaptionCache
+(memory + disk) instead, one instance per server process.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from PIL import Image
+
+from core import analysis, corpus
+from core.captioner import Captioner
+from core.data import ImageCaptions
+from core.decoding import DecodingConfig, Hypothesis
+from core.images import ImageLimits, content_hash, read_source_bytes
+from core.metrics import java_available
+from ui.state import cache_dir, features_dir
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """An image the user picked: its bytes, a display name and the content key everything is cached by."""
+    name: str
+    data: bytes
+    key: str
+    origin: str = "upload"      # upload | example | flickr8k
+
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes, origin: str = "upload") -> "ImageInput":
+        return cls(name, data, content_hash(data), origin)
+
+    @classmethod
+    def from_upload(cls, upload) -> "ImageInput":
+        """Streamlit UploadedFile -> ImageInput; ImageError if over the size cap."""
+        data, name = read_source_bytes(upload, ImageLimits())
+        return cls.from_bytes(name, data, "upload")
+
+    @classmethod
+    def from_path(cls, path: Path, origin: str) -> "ImageInput":
+        data, _ = read_source_bytes(path, ImageLimits(), name=Path(path).name)
+        return cls.from_bytes(Path(path).name, data, origin)
+
+
+@dataclass
+class Decoded:
+    """What the pages show for one image and one decoding config (picklable: it is what cache_data stores)."""
+    name: str
+    hypotheses: list[Hypothesis]
+    words: list[list[str]]
+    encode_ms: float
+    decode_ms: float
+
+    @property
+    def caption(self) -> str:
+        return " ".join(self.words[0]) if self.words else ""
+
+    def tokens(self, index: int) -> list[str]:
+        """Words of hypothesis `index` plus <end> when it finished: one per attention row."""
+        hyp = self.hypotheses[index]
+        return self.words[index] + ([analysis.END_TOKEN] if hyp.finished else [])
+
+
+@st.cache_data(max_entries=512, show_spinner="Captioning…")
+def _decode(checkpoint_id: str, content_key: str, decoding: dict, name: str, _captioner: Captioner,
+            _data: bytes) -> Decoded:
+    result = _captioner.caption(_data, DecodingConfig.from_dict(decoding), name=name)
+    return Decoded(result.name, result.hypotheses, result.words, result.encode_ms, result.decode_ms)
+
+
+def caption(captioner: Captioner, image: ImageInput, decoding: DecodingConfig) -> tuple[Decoded, Image.Image]:
+    """Decoded n-best + the upright display image; raises ImageError for a bad file."""
+    decoded = _decode(captioner.checkpoint_id, image.key, decoding.to_dict(), image.name, captioner, image.data)
+    return decoded, display_image(captioner, image)
+
+
+def display_image(captioner: Captioner, image: ImageInput) -> Image.Image:
+    return captioner.features(image.data, name=image.name)[1]      # LRU-cached by content inside Captioner
+
+
+def features(captioner: Captioner, image: ImageInput):
+    return captioner.features(image.data, name=image.name)[0]
+
+
+# -- attention views ----------------------------------------------------------------------------------------------
+@st.cache_data(max_entries=128, show_spinner="Drawing the attention grid…")
+def attention_grid_png(checkpoint_id: str, content_key: str, decoding: dict, index: int, opacity: float,
+                       cmap: str, smooth: bool, cols: int, _image: Image.Image, _words: list[str],
+                       _attention: np.ndarray, _grid: int) -> bytes:
+    grid_image = analysis.attention_grid(_image, _words, _attention, _grid, cols=cols, opacity=opacity,
+                                         cmap=cmap, smooth=smooth)
+    return analysis.image_to_png_bytes(grid_image)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def attention_gif(checkpoint_id: str, content_key: str, decoding: dict, index: int, opacity: float, cmap: str,
+                  smooth: bool, _image: Image.Image, _words: list[str], _attention: np.ndarray,
+                  _grid: int) -> bytes:
+    return analysis.attention_gif_bytes(_image, _words, _attention, _grid, opacity=opacity, cmap=cmap,
+                                        smooth=smooth)
+
+
+@st.cache_data(max_entries=64, show_spinner="Re-encoding the occluded image…")
+def occlusion(checkpoint_id: str, content_key: str, decoding: dict, index: int, word_index: int,
+              region: tuple[int, int, int, int] | None, _captioner: Captioner, _image: Image.Image,
+              _hypothesis: Hypothesis) -> analysis.OcclusionResult:
+    return analysis.occlusion_test(_captioner, _image, _hypothesis, word_index,
+                                   DecodingConfig.from_dict(decoding), region=region)
+
+
+@st.cache_data(max_entries=64, show_spinner="Decoding at each beam width…")
+def beam_rows(checkpoint_id: str, content_key: str, widths: tuple[int, ...], base: dict,
+              _captioner: Captioner, _features) -> list[dict]:
+    return corpus.compare_beams(_captioner, _features, list(widths), DecodingConfig.from_dict(base))
+
+
+# -- corpus work (progress bars, so no st.cache_data: see the module docstring) ----------------------------------
+@st.cache_resource
+def caption_cache() -> corpus.CaptionCache:
+    """One CaptionCache per server process (its memory layer survives reruns), files under the cache dir."""
+    return corpus.CaptionCache(cache_dir() / "corpus")
+
+
+def _progress_bar(text: str):
+    bar = st.progress(0.0, text=text)
+
+    def update(done: int, total: int) -> None:
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{text} {done:,}/{total:,}")
+    return bar, update
+
+
+def caption_split(captioner: Captioner, items: Sequence[ImageCaptions], decoding: DecodingConfig,
+                  split: str) -> dict[str, dict]:
+    """Best caption of every image of the split, with a progress bar while it runs (cached on disk)."""
+    bar, update = _progress_bar(f"Captioning the {split} split…")
+    try:
+        return corpus.caption_split(captioner, items, decoding, features_dir=features_dir(), split=split,
+                                    cache=caption_cache(), progress=update)
+    finally:
+        bar.empty()
+
+
+def score_split(predictions: dict[str, dict], items: Sequence[ImageCaptions]):
+    with st.spinner("Scoring (BLEU, METEOR, ROUGE-L, CIDEr-D)…"):
+        return corpus.score_split(predictions, items, with_meteor=java_available(), cache=caption_cache())
+
+
+def beam_sweep(captioner: Captioner, items: Sequence[ImageCaptions], widths: Sequence[int],
+               base: DecodingConfig, split: str) -> pd.DataFrame:
+    bar, update = _progress_bar("Decoding the subset at each width…")
+    try:
+        return corpus.beam_sweep(captioner, items, list(widths), dataclasses.replace(base, do_sample=False),
+                                 features_dir=features_dir(), split=split, cache=caption_cache(),
+                                 progress=update)
+    finally:
+        bar.empty()

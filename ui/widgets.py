@@ -1,0 +1,171 @@
+"""Small rendering helpers shared by the pages (tables, image pickers, thumbnails, metric tables)."""
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+import streamlit as st
+from PIL import Image, ImageOps
+
+from core.errors import CaptionScopeError
+from core.images import SUPPORTED_EXTENSIONS, ImageLimits
+from core.metrics import METRIC_NAMES
+from ui import state
+from ui.cache import Decoded, ImageInput
+
+MAX_UPLOAD_MB = ImageLimits().max_bytes // 2**20
+
+# Xu et al. 2015, "Show, Attend and Tell", Table 1 (Flickr8K).
+PAPER_FLICKR8K = {
+    "Xu et al. 2015, soft attention": {"BLEU-1": 67.0, "BLEU-2": 44.8, "BLEU-3": 29.9, "BLEU-4": 19.5,
+                                       "METEOR": 18.93},
+    "Xu et al. 2015, hard attention": {"BLEU-1": 67.0, "BLEU-2": 45.7, "BLEU-3": 31.4, "BLEU-4": 21.3,
+                                       "METEOR": 20.30},
+}
+
+
+def upload_help() -> str:
+    return f"{', '.join(SUPPORTED_EXTENSIONS)} · up to {MAX_UPLOAD_MB} MB per image"
+
+
+def example_input(name: str) -> ImageInput:
+    return ImageInput.from_path(state.example_images()[name], "example")
+
+
+def flickr_input(dataset, image_name: str) -> ImageInput:
+    return ImageInput.from_path(dataset.images_dir / image_name, "flickr8k")
+
+
+def init_state(key: str, value, options=None) -> None:
+    """Give a persistent widget its first value (widgets take no default= so that state can carry over)."""
+    if key not in st.session_state or (options is not None and st.session_state[key] not in options):
+        st.session_state[key] = value
+
+
+def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput | None:
+    """One image from an example, an upload or (when the folder is set) a Flickr8K dev image.
+
+    Shows the ImageError of a bad upload in place and returns None then.
+    """
+    examples = state.example_images()
+    sources = ["Example", "Upload"] + (["Flickr8K dev"] if allow_flickr and state.flickr_dir() else [])
+    key = f"{state.PERSIST}{prefix}_source"
+    if st.session_state.get("requested_example") in examples:
+        st.session_state[key] = "Example"
+    init_state(key, sources[0], sources)
+    source = st.segmented_control("Image", sources, key=key, required=True)
+    try:
+        if source == "Upload":
+            upload = st.file_uploader("Upload an image", type=list(SUPPORTED_EXTENSIONS), key=f"{prefix}_upload",
+                                      help=upload_help())
+            return ImageInput.from_upload(upload) if upload is not None else None
+        if source == "Flickr8K dev":
+            dataset, error = state.get_dataset()
+            if dataset is None:
+                st.info(error)
+                return None
+            split = "dev" if "dev" in dataset.splits else next(iter(dataset.splits))
+            names = [it.image for it in dataset.splits[split]]
+            if not names:
+                st.info(f"The {split} split is empty.")
+                return None
+            key = f"{state.PERSIST}{prefix}_flickr"
+            init_state(key, names[0], set(names))
+            name = st.selectbox(f"{split} image", names, key=key, help="Type to search the file names.")
+            return flickr_input(dataset, name)
+        if not examples:
+            st.info("No example photos found in assets/examples/.")
+            return None
+        key = f"{state.PERSIST}{prefix}_example"
+        requested = st.session_state.pop("requested_example", None)
+        if requested in examples:
+            st.session_state[key] = requested
+        init_state(key, next(iter(examples)), examples)
+        name = st.pills("Example photo", list(examples), key=key, required=True, wrap=True)
+        return example_input(name)
+    except CaptionScopeError as e:
+        st.error(str(e))
+        return None
+
+
+def nbest_frame(decoded: Decoded) -> pd.DataFrame:
+    rows = [{"rank": i + 1, "caption": " ".join(words), "log-prob": hyp.logprob,
+             "normalised": hyp.logprob / max(hyp.length, 1), "score": hyp.score, "length": len(words),
+             "finished": hyp.finished}
+            for i, (hyp, words) in enumerate(zip(decoded.hypotheses, decoded.words))]
+    return pd.DataFrame(rows)
+
+
+NBEST_COLUMNS = {
+    "rank": st.column_config.NumberColumn("#", width="small"),
+    "caption": st.column_config.TextColumn("Caption", width="medium"),
+    "log-prob": st.column_config.NumberColumn("Log-prob", format="%.2f", help="Sum of token log-probs"),
+    "normalised": st.column_config.NumberColumn("Per token", format="%.3f",
+                                                help="Log-prob / emitted tokens (incl. <end>)"),
+    "score": st.column_config.NumberColumn("Score", format="%.2f",
+                                           help="Length-penalised log-prob: what the n-best list is ranked by"),
+    "length": st.column_config.NumberColumn("Words"),
+    "finished": st.column_config.CheckboxColumn("<end>", help="The caption ended with <end>"),
+}
+
+
+def metric_row(values: Mapping[str, float], *, scale: float = 100.0) -> dict[str, float]:
+    """Metrics for display: x100 (the convention of captioning papers), NaN for a missing one."""
+    return {m: round(float(values[m]) * scale, 2) if m in values and values[m] is not None
+            and math.isfinite(float(values[m])) else math.nan for m in METRIC_NAMES}
+
+
+def metric_table(rows: list[dict], label: str = "model") -> pd.DataFrame:
+    """Rows of x100 metrics as display strings ("—" where a metric is missing) for a static st.table."""
+    frame = pd.DataFrame(rows).set_index(label)
+    return frame.map(lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}")
+
+
+def key_value_table(values: Mapping) -> pd.DataFrame:
+    return pd.DataFrame({"value": {str(k): "—" if v is None else str(v) for k, v in values.items()}})
+
+
+def facts_row(facts: Mapping[str, str]) -> None:
+    """Label/value boxes in one row (st.metric truncates long text values such as encoder names)."""
+    for col, (label, value) in zip(st.columns(len(facts), border=True), facts.items()):
+        col.caption(label)
+        col.markdown(f"**{value}**")
+
+
+def metric_columns() -> dict:
+    return {m: st.column_config.NumberColumn(m, format="%.1f") for m in METRIC_NAMES}
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def thumbnail_uri(path: str, mtime_ns: int, side: int = 96) -> str:
+    """A small JPEG as a data: URI, for st.column_config.ImageColumn (only made for rows on screen)."""
+    del mtime_ns
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (side * 2, side * 2))
+            im = im.convert("RGB")
+            im.thumbnail((side, side))
+            buffer = io.BytesIO()
+            im.save(buffer, format="JPEG", quality=80)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return ""
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def square_thumbnail(path: str, mtime_ns: int, side: int = 320) -> Image.Image:
+    """Centre-cropped square, so a row of example photos lines up."""
+    del mtime_ns
+    with Image.open(path) as im:
+        return ImageOps.fit(im.convert("RGB"), (side, side), Image.LANCZOS)
+
+
+def mtime_ns(path: Path | str) -> int:
+    try:
+        return Path(path).stat().st_mtime_ns
+    except OSError:
+        return 0
