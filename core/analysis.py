@@ -238,11 +238,12 @@ class TokenScores:
 
 
 def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, start_id: int = 1, end_id: int = 2,
-                 pad_id: int = 0, include_end: bool = True) -> TokenScores:
+                 pad_id: int = 0, unk_id: int | None = None, include_end: bool = True) -> TokenScores:
     """Log-probabilities the model gives a fixed caption (teacher forcing through `model.step`).
 
     `token_ids` are the words (a leading <start> / trailing <end> are tolerated and stripped). The
-    distribution excludes <pad> and <start>, exactly as decoding does, so for the decoder's own caption
+    distribution excludes <pad> and <start> (and <unk> when `unk_id` is given, as the Captioner's decoding
+    does), so for the decoder's own caption
     this reproduces its `token_logprobs`. include_end=False scores the words only (an unfinished caption).
     """
     ids = [int(t) for t in token_ids]
@@ -268,7 +269,7 @@ def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, start_i
             for prev, target in zip(inputs, targets):
                 logits, alpha, beta, state = model.step(torch.tensor([prev], device=device), state)
                 logits = logits.clone()
-                logits[:, [pad_id, start_id]] = float("-inf")
+                logits[:, [pad_id, start_id] + ([unk_id] if unk_id is not None else [])] = float("-inf")
                 logprobs.append(torch.log_softmax(logits, dim=-1)[0, target])
                 alphas.append(alpha[0])
                 betas.append(beta[0, 0])
@@ -361,7 +362,7 @@ def _word_at(captioner, hypothesis: Hypothesis, word_index: int) -> str:
 
 def _ids(captioner) -> dict:
     v = captioner.vocab
-    return {"start_id": v.start_id, "end_id": v.end_id, "pad_id": v.pad_id}
+    return {"start_id": v.start_id, "end_id": v.end_id, "pad_id": v.pad_id, "unk_id": v.unk_id}
 
 
 def occlusion_test(captioner, image: Image.Image, hypothesis: Hypothesis, word_index: int,

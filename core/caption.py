@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.caption", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", help="image files (jpg, png, webp, bmp, gif, tiff)")
     parser.add_argument("--checkpoint", default=None, help="default: the bundled checkpoint")
+    parser.add_argument("--encoder-weights", default=None,
+                        help="the encoder's weights: imagenet (default) | none | PATH to a local file")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--nbest", type=int, default=1, help="print this many hypotheses per image")
     parser.add_argument("--length-penalty", type=float, default=0.0)
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                                   no_repeat_ngram_size=args.no_repeat_ngram, do_sample=args.sample,
                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
         decoding.validate()
-        captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path())
+        captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
+                                              encoder_weights=args.encoder_weights)
     except CaptionScopeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="default: the bundled checkpoint")
+    parser.add_argument("--encoder-weights", default=None,
+                        help="the encoder's weights: imagenet (default) | none | PATH to a local file")
     parser.add_argument("--data", required=True, help="Flickr8K folder")
     parser.add_argument("--split", default="dev")
     parser.add_argument("--beam", type=int, nargs="+", default=[3], help="one or more beam widths")
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                              "50-image subset scored from the image files for the regression test")
     args = parser.parse_args(argv)
     try:
-        captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path())
+        captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
+                                              encoder_weights=args.encoder_weights)
         items = load_dataset(args.data).split(args.split)
         items = items[: args.limit] if args.limit else items
         card = {"split": args.split, "images": len(items), "checkpoint_sha256": captioner.checkpoint_id, "beams": {}}

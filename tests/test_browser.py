@@ -28,11 +28,11 @@ from tests.browser import (REPO, caption_rows, checkpoint_folder, chromium, dash
 
 SCREENSHOTS = os.environ.get("CAPTIONSCOPE_SCREENSHOTS", "").strip()
 SCREENSHOT_MODE = bool(SCREENSHOTS and os.environ.get("FLICKR8K_DIR"))
-PAGE_TIMEOUT_S = 900 if SCREENSHOT_MODE else 60      # the real dev split is captioned on the first visit
+PAGE_TIMEOUT_S = 900 if SCREENSHOT_MODE else 120     # the real dev split is captioned on the first visit
 PHOTO = REPO / "assets" / "examples" / "coffee.jpg"
 PAGES = ["Home", "Caption", "Attention", "Beam comparison", "Flickr8K browser", "Model card"]
 
-pytestmark = [requires_chromium, pytest.mark.timeout(1800 if SCREENSHOT_MODE else 180)]
+pytestmark = [requires_chromium, pytest.mark.timeout(1800 if SCREENSHOT_MODE else 300)]
 
 
 def upload_bytes() -> bytes:
@@ -115,7 +115,7 @@ def check_page(page, title: str, folder: Path) -> list[str]:
 def test_every_page_in_a_real_browser(server, browser, expected, photo, screenshot_dir):
     _, config, expected_caption = expected
     name, data = photo
-    page = new_page(browser, server.url)
+    page = new_page(browser, server.url, timeout_ms=PAGE_TIMEOUT_S * 1000)
     problems: list[str] = []
     try:
         wait_idle(page, PAGE_TIMEOUT_S)
@@ -155,7 +155,7 @@ def test_every_page_in_a_real_browser(server, browser, expected, photo, screensh
 def test_bad_upload_shows_error_in_place(server, browser, expected, photo):
     _, _, expected_caption = expected
     name, data = photo
-    page = new_page(browser, f"{server.url}/caption")
+    page = new_page(browser, f"{server.url}/caption", timeout_ms=PAGE_TIMEOUT_S * 1000)
     try:
         wait_idle(page, PAGE_TIMEOUT_S)
         upload(page, file_payload("notes.jpg", b"These are my notes, not a photo.\n" * 20),

@@ -16,8 +16,7 @@ from conftest import REPO
 
 
 def test_cache_matches_direct_encoding(tiny_flickr, tiny_features):
-    torch.manual_seed(0)
-    encoder = build_encoder("efficientnet_lite2", "none")
+    encoder = build_encoder("efficientnet_lite2")   # as the fixture made them
     store = open_features(tiny_features, "efficientnet_lite2", "dev")
     items = load_dataset(tiny_flickr).split("dev")
     assert store.images == [it.image for it in items] and store.array.dtype == np.float16

@@ -1,0 +1,85 @@
+"""`python -m core.evaluate` on the tiny dataset, as a subprocess: the files it writes and how it fails."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from core.data import load_dataset
+from core.metrics import METRIC_NAMES, java_available
+
+from conftest import REPO
+
+TIMEOUT = 300
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)      # in-process model work too: 2 threads on 2 busy cores is far slower
+
+
+def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "core.evaluate", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_writes_metrics_and_captions(tiny_checkpoint, tiny_flickr, tiny_features, tmp_path):
+    out = tmp_path / "eval"
+    result = evaluate_cli("--checkpoint", str(tiny_checkpoint), "--data", str(tiny_flickr), "--split", "dev",
+                          "--beam", "2", "--features", str(tiny_features), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+    summary = json.loads((out / "metrics.json").read_text())
+    expected = [m for m in METRIC_NAMES if m != "METEOR" or java_available()]
+    assert list(summary["metrics"]) == expected
+    assert all(0.0 <= summary["metrics"][m] <= (10.0 if m == "CIDEr-D" else 1.0) for m in expected)
+    assert summary["images"] == 8 and summary["split"] == "dev" and summary["decoding"]["beam_size"] == 2
+    assert summary["features_from"] == "features"                 # read from the feature cache
+    if not java_available():
+        assert any("METEOR" in note for note in summary["notes"])
+
+    with open(out / "captions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+        f.seek(0)
+        header = next(csv.reader(f))
+    assert header == ["image", "caption", "references", *expected]
+    items = load_dataset(tiny_flickr).split("dev")
+    assert [r["image"] for r in rows] == [it.image for it in items]
+    for row, it in zip(rows, items):
+        assert row["references"].split(" | ") == list(it.captions)
+        assert row["caption"].strip()
+        assert all(0.0 <= float(row[m]) for m in expected)
+    # the corpus scores are the per-image rows aggregated (CIDEr-D and ROUGE-L are plain means)
+    for metric in ("CIDEr-D", "ROUGE-L"):
+        assert np.mean([float(r[metric]) for r in rows]) == pytest.approx(summary["metrics"][metric], abs=1e-5)
+    # the tiny model has memorised its 8 images: near-perfect scores
+    assert summary["metrics"]["BLEU-4"] > 0.8
+
+
+def test_bad_data_folder_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
+    result = evaluate_cli("--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "no_such_folder"),
+                          "--out", str(tmp_path / "eval"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "no_such_folder" in result.stderr
+    assert not (tmp_path / "eval").exists()
+
+
+def test_bad_split_and_checkpoint_exit_2(tiny_checkpoint, tiny_flickr, tmp_path, capsys):
+    from core.evaluate import main
+    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(tiny_flickr), "--split", "test",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "test" in err and "dev" in err          # names what exists
+    assert main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--data", str(tiny_flickr),
+                 "--out", str(tmp_path)]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.json").exists()
