@@ -58,6 +58,26 @@ class FeatureStore:
         return torch.from_numpy(np.ascontiguousarray(self.array[indices])).float()
 
 
+class LiveFeatures:
+    """The FeatureStore interface over image files, encoded on demand: for fine-tuning the encoder, whose
+    features change with every step, so no cache can hold them. Gradients flow when called under autograd."""
+
+    def __init__(self, encoder: Encoder, paths: list[Path]):
+        self.encoder, self.paths = encoder, list(paths)
+        self.images = [p.name for p in self.paths]
+        self.weights_sha256 = encoder.weights_sha256
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def index_of(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.images)}
+
+    def get(self, indices) -> torch.Tensor:
+        pixels = torch.stack([self.encoder.preprocess(load_image(self.paths[int(i)])) for i in np.atleast_1d(indices)])
+        return self.encoder(pixels.to(self.encoder.mean.device))
+
+
 def cache_paths(out_dir: str | Path, encoder: str, split: str) -> tuple[Path, Path]:
     folder = Path(out_dir) / encoder
     return folder / f"{split}.f16", folder / f"{split}.json"

@@ -42,10 +42,10 @@ from tqdm import tqdm
 from core.checkpoint import save_checkpoint
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
-from core.encoders import ENCODERS
+from core.encoders import ENCODERS, build_encoder
 from core.errors import CaptionScopeError, ConfigError
 from core.evaluate import decode_store, score_predictions
-from core.features import FeatureStore, open_features
+from core.features import FeatureStore, LiveFeatures, open_features
 from core.io_utils import atomic_write_text, remove_stale_temp_files
 from core.model import ModelConfig, ShowAttendTell, caption_loss
 from core.text import Vocabulary, tokenize
@@ -75,6 +75,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0                # 0 = torch default
     max_steps: int = 0              # stop after this many optimiser steps (tests, benchmarks); 0 = no limit
+    fine_tune_blocks: int = 0       # > 0: also train the encoder's last N blocks, from the images (slow on CPU)
+    encoder_weights: str = "imagenet"   # the encoder to fine-tune: imagenet | none | PATH
+    encoder_lr: float = 1e-4
 
 
 def build_vocab(items: list[ImageCaptions], min_count: int) -> Vocabulary:
@@ -161,7 +164,7 @@ def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, store: F
             loss_value, ce_value = loss.detach(), ce.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()                                  # DDP all-reduces (averages) the gradients here
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
         optimizer.step()
         total, total_ce, steps = total + loss_value.item(), total_ce + ce_value.item(), steps + 1
         bar.set_postfix(loss=f"{total / steps:.3f}")
@@ -186,15 +189,27 @@ def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: boo
     dataset = load_dataset(cfg.data)
     train_items, dev_items = dataset.split("train"), dataset.split("dev")
     spec = ENCODERS[cfg.encoder]
-    train_store = open_features(cfg.features, cfg.encoder, "train")
-    dev_store = open_features(cfg.features, cfg.encoder, "dev")
+    encoder = None
+    if cfg.fine_tune_blocks > 0:   # features change with the encoder: encode the images at every step
+        if world > 1:
+            raise ConfigError("--fine-tune-blocks is single-process only")
+        encoder = build_encoder(cfg.encoder, cfg.encoder_weights).to(device)
+        encoder.set_trainable_blocks(cfg.fine_tune_blocks)
+        train_store = LiveFeatures(encoder, [it.path for it in train_items])
+        dev_store = LiveFeatures(encoder, [it.path for it in dev_items])
+    else:
+        train_store = open_features(cfg.features, cfg.encoder, "train")
+        dev_store = open_features(cfg.features, cfg.encoder, "dev")
 
     vocab = build_vocab(train_items, cfg.min_count)
     model_cfg = ModelConfig(vocab_size=len(vocab), encoder_dim=spec.feature_dim, num_regions=spec.num_regions,
                             **(model_cfg_overrides or {}))
     torch.manual_seed(cfg.seed)
     model = ShowAttendTell(model_cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
+    if encoder is not None:
+        groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.encoder_lr})
+    optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay,
                                                            patience=cfg.lr_patience)
     counters = {"epoch": 0, "best_bleu4": -1.0, "best_epoch": -1, "epochs_since_best": 0, "steps": 0}
@@ -209,6 +224,9 @@ def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: boo
             if not last_path.is_file():
                 raise ConfigError(f"{state_path} holds no weights and {last_path} is missing: cannot resume")
             model.load_state_dict(load_checkpoint(last_path).model.state_dict())   # float32: exact
+        if encoder is not None:
+            from core.checkpoint import load_checkpoint
+            encoder.backbone.load_state_dict(load_checkpoint(last_path).encoder_state)
         if rank == 0:
             print(f"resuming after epoch {counters['epoch'] - 1} (best BLEU-4 {counters['best_bleu4']:.4f})")
     log_lines = [l for l in (log_path.read_text().splitlines() if log_path.is_file() else [])
@@ -223,7 +241,9 @@ def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: boo
     dev_eval = dev_items[: cfg.eval_limit] if cfg.eval_limit else dev_items
     decoding = DecodingConfig(beam_size=cfg.eval_beam, max_length=cfg.max_words)
     meta = {"encoder": {"name": cfg.encoder, "weights_sha256": train_store.weights_sha256,
-                        "weights_source": spec.weights_source, "fine_tuned": False}}
+                        "weights_source": spec.weights_source, "fine_tuned": encoder is not None}}
+    if encoder is not None:
+        meta["encoder_state"] = encoder.backbone.state_dict()   # same tensors as training goes on
     for epoch in range(counters["epoch"], cfg.epochs):
         budget = cfg.max_steps - counters["steps"] if cfg.max_steps else 0
         if cfg.max_steps and budget <= 0:

@@ -25,9 +25,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -186,7 +186,7 @@ def new_page(browser, url: str, *, timeout_ms: float = 60_000):
 def wait_idle(page, timeout_s: float = 60.0, *, settle_s: float = 0.75) -> None:
     """Wait until the script run is over: no 'running' status, spinner or skeleton for `settle_s`."""
     busy = ('[data-testid="stStatusWidget"], [data-testid="stSpinner"], [data-testid="stSkeleton"], '
-            '[data-testid="stAppSkeleton"]')
+            '[data-testid="stAppSkeleton"], [data-testid="stProgress"]')
     deadline = time.monotonic() + timeout_s
     quiet_since = None
     while time.monotonic() < deadline:
@@ -206,12 +206,17 @@ def nav_titles(page) -> list[str]:
     return [links.nth(i).inner_text().split("\n")[-1].strip() for i in range(links.count())]
 
 
-def goto_page(page, title: str, timeout_s: float = 60.0) -> None:
-    """Click the sidebar link labelled exactly `title` (same session, unlike opening a new URL)."""
+def goto_page(page, title: str, timeout_s: float = 60.0, ready: str | None = None) -> None:
+    """Click the sidebar link labelled exactly `title` (same session, unlike opening a new URL).
+
+    `ready`: a selector that only the finished page has (the running indicator alone can be missed).
+    """
     link = page.locator('[data-testid="stSidebarNav"] a').filter(has=page.get_by_text(title, exact=True))
     link.first.click()
     heading = "CaptionScope" if title == "Home" else title
     page.locator('[data-testid="stMain"] h1').filter(has_text=heading).first.wait_for(timeout=timeout_s * 1000)
+    if ready:
+        page.locator(ready).first.wait_for(timeout=timeout_s * 1000)
     wait_idle(page, timeout_s)
 
 

@@ -13,11 +13,22 @@ import io
 import time
 
 import pytest
+from conftest import COLOURS, SHAPES, draw_shape
 from PIL import Image, ImageOps
 
-from conftest import COLOURS, SHAPES, draw_shape
-from tests.browser import (CAPTION_ROWS_JS, CHROMIUM, CHROMIUM_ARGS, REPO, VIEWPORT, app_decoding, checkpoint_folder,
-                           dashboard_server, decoding_line, requires_chromium, CHECKPOINT_NAME)
+from tests.browser import (
+    CAPTION_ROWS_JS,
+    CHECKPOINT_NAME,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    REPO,
+    VIEWPORT,
+    app_decoding,
+    checkpoint_folder,
+    dashboard_server,
+    decoding_line,
+    requires_chromium,
+)
 
 SESSIONS = 8
 SESSION_TIMEOUT_S = 100         # one session: open the page, upload, get the caption

@@ -2,6 +2,7 @@ import json
 
 import torch
 
+from core.captioner import Captioner
 from core.checkpoint import load_checkpoint
 from core.decoding import DecodingConfig
 from core.features import open_features
@@ -46,3 +47,20 @@ def test_bad_arguments_exit_non_zero(tiny_flickr, tmp_path, capsys):
     assert main(["--data", str(tiny_flickr), "--features", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert "no finished feature cache" in capsys.readouterr().err
     assert main(["--data", str(tiny_flickr), "--encoder", "vgg", "--out", str(tmp_path)]) == 2
+
+
+def test_fine_tuning_the_last_encoder_block(tiny_flickr, tmp_path):
+    from core.encoders import build_encoder
+
+    out = tmp_path / "ft"
+    assert main(["--data", str(tiny_flickr), "--out", str(out), "--epochs", "2", "--batch-size", "8",
+                 "--min-count", "1", "--eval-beam", "1", "--fine-tune-blocks", "1", "--encoder-lr", "1e-3",
+                 *TINY_MODEL]) == 0
+    ckpt = load_checkpoint(out / "last.safetensors")
+    assert ckpt.encoder["fine_tuned"] and ckpt.encoder_state
+    original = build_encoder("efficientnet_lite2").backbone.state_dict()
+    changed = [k for k in ckpt.encoder_state if not torch.equal(ckpt.encoder_state[k], original[k])]
+    assert changed and all(k.startswith(("conv_head", "bn2")) for k in changed)   # only the last block moved
+    captioner = Captioner.from_checkpoint(out / "last.safetensors", device="cpu")
+    assert torch.equal(captioner.encoder.backbone.conv_head.weight, ckpt.encoder_state["conv_head.weight"])
+    assert captioner.caption(next((tiny_flickr / "images").glob("*.jpg")), DecodingConfig()).hypotheses
