@@ -136,7 +136,7 @@ def parse_karpathy_text(text: str, source: str) -> tuple[dict[str, list[str]], d
             raise DataError(f"{where}: 'filename' must be a plain file name, got {name!r}")
         if not isinstance(filepath, str) or filepath.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", filepath):
             raise DataError(f"{where}: 'filepath' must be a relative folder, got {filepath!r}")
-        if split not in KARPATHY_SPLITS:
+        if not isinstance(split, str) or split not in KARPATHY_SPLITS:
             raise DataError(f"{where}: unknown split {split!r} (expected one of {sorted(KARPATHY_SPLITS)})")
         sentences = entry.get("sentences", [])
         if not isinstance(sentences, list):

@@ -72,6 +72,14 @@ def tiny_features(tiny_flickr, tmp_path_factory) -> Path:
     return out
 
 
+def run_cli(module: str, *args: str, timeout: float = 300) -> "subprocess.CompletedProcess":
+    """`python -m <module> args...` from the repo root, one OpenMP thread, output captured."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+
+
 TINY_MODEL = ["--embed-dim", "32", "--attention-dim", "32", "--decoder-dim", "64", "--dropout", "0.0"]
 
 

@@ -6,9 +6,6 @@ Every good file gets a caption line, every bad one exactly one `error: <file>: <
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,20 +13,10 @@ import torch
 from PIL import Image
 
 from bad_images import make_image_corpus
-from conftest import REPO
+from conftest import run_cli
 
-TIMEOUT = 300           # a cold start loads torch and the Lite2 encoder; the machine may be busy
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}     # 2 OpenMP threads on 2 busy cores crawl (spin-waits)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)      # in-process model work too: 2 threads on 2 busy cores is far slower
-
-
-def caption_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core.caption", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+def caption_cli(*args: str):
+    return run_cli("core.caption", *args)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+from browser import checkpoint_folder
 from PIL import Image
 
 from streamlit.testing.v1 import AppTest
@@ -22,7 +22,6 @@ from streamlit.testing.v1 import AppTest
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "dashboard.py")
 TIMEOUT = 120
-BUNDLED = REPO / "checkpoints" / "captionscope-lite2.safetensors"
 EXAMPLE = REPO / "assets" / "examples" / "astronaut.jpg"
 EVAL = {"split": "dev", "images": 8, "beams": {"1": {"BLEU-1": 0.61, "BLEU-4": 0.1234, "METEOR": 0.2, "CIDEr-D": 0.5},
                                              "3": {"BLEU-1": 0.62, "BLEU-4": 0.1357, "CIDEr-D": 0.52}}}
@@ -30,16 +29,7 @@ EVAL = {"split": "dev", "images": 8, "beams": {"1": {"BLEU-1": 0.61, "BLEU-4": 0
 
 @pytest.fixture(scope="module")
 def checkpoint_dir(request, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("checkpoints")
-    if BUNDLED.is_file():
-        source, log = BUNDLED, BUNDLED.with_name(f"{BUNDLED.stem}.log.jsonl")
-    else:
-        run = request.getfixturevalue("tiny_run")
-        source, log = run / "best.safetensors", run / "log.jsonl"
-    target = folder / "captionscope-lite2.safetensors"
-    shutil.copyfile(source, target)
-    if log.is_file():
-        shutil.copyfile(log, folder / "captionscope-lite2.log.jsonl")
+    folder = checkpoint_folder(request, tmp_path_factory)     # bundled checkpoint + log (or the tiny one)
     (folder / "captionscope-lite2.eval.json").write_text(json.dumps(EVAL))
     (folder / "README.md").write_text("# Checkpoints\n\nTest notes about the bundled model.\n")
     return folder

@@ -6,13 +6,10 @@ outside the checkpoint folder is refused.
 """
 from __future__ import annotations
 
-import io
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core.images import SUPPORTED_EXTENSIONS

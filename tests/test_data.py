@@ -280,3 +280,10 @@ def test_real_flickr8k_loads_fast():
     assert len(ds.split("train")) == 6000 and len(ds.split("dev")) == 1000
     assert all(len(item.captions) == 5 for split in ds.splits.values() for item in split)
     assert ds.split("train")[0].path.is_file()
+
+
+def test_karpathy_split_that_is_not_a_string_is_a_clear_error():
+    import json as _json
+    from core.data import parse_karpathy_text
+    with pytest.raises(DataError, match="unknown split"):
+        parse_karpathy_text(_json.dumps({"images": [{"filename": "a.jpg", "split": [], "sentences": []}]}), "d.json")

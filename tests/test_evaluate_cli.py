@@ -3,31 +3,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-import torch
 
 from core.data import load_dataset
 from core.metrics import METRIC_NAMES, java_available
 
-from conftest import REPO
+from conftest import run_cli
 
-TIMEOUT = 300
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)      # in-process model work too: 2 threads on 2 busy cores is far slower
-
-
-def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core.evaluate", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+def evaluate_cli(*args: str):
+    return run_cli("core.evaluate", *args)
 
 
 def test_writes_metrics_and_captions(tiny_checkpoint, tiny_flickr, tiny_features, tmp_path):

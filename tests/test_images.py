@@ -89,7 +89,7 @@ def test_same_outcome_from_bytes_and_uploads(corpus):
         else:
             with pytest.raises(ImageError, match=rf"^{re.escape(filename)}: .*{EXPECTED_ERRORS[case]}"):
                 load_image(upload)
-            with pytest.raises(ImageError, match=rf"^my upload: "):
+            with pytest.raises(ImageError, match=r"^my upload: "):
                 load_image(data, name="my upload")
 
 
