@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import core  # noqa: F401  (before torch: it sets the OpenMP spin policy core's CLIs run with)
 import torch
 
 from bench.common import DEFAULT_CHECKPOINT, DEFAULT_DATA, DEFAULT_FEATURES, Row, print_table
@@ -36,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-batch", type=int, default=250, help="decoding: images per generate() call")
     p.add_argument("--uploads", type=int, default=20, help="upload: timed uploads per path")
     p.add_argument("--feature-images", type=int, default=96, help="features: images per timed pass")
-    p.add_argument("--workers", type=int, default=2, help="features: DataLoader workers of the fast path")
+    p.add_argument("--workers", type=int, default=None,
+                   help="features: DataLoader workers of the fast path (default: core.features' choice)")
     p.add_argument("--train-steps", type=int, default=5, help="train_step: timed steps")
     p.add_argument("--batch-size", type=int, default=64, help="train_step: batch size")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

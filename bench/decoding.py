@@ -10,7 +10,7 @@ import argparse
 import numpy as np
 import torch
 
-from bench.common import DEFAULT_CHECKPOINT, DEFAULT_FEATURES, Row, fmt_s, interleaved
+from bench.common import DEFAULT_CHECKPOINT, Row, fmt_s, interleaved
 from bench.reference import reference_beam_search
 from core.decoding import DecodingConfig, generate
 from core.model import ModelConfig, ShowAttendTell

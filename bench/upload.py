@@ -12,7 +12,6 @@ import statistics
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 
 from bench.common import EXAMPLES, Row, percentile

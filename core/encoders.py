@@ -12,9 +12,12 @@ Flickr8K here is stored squashed to 224x224 anyway). `weights="none"` builds ran
 """
 from __future__ import annotations
 
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,6 +42,24 @@ class EncoderSpec:
     @property
     def num_regions(self) -> int:
         return self.grid * self.grid
+
+
+class _CompiledOrEager:
+    """Calls the compiled module; on the first compile failure (no C++ compiler, an unsupported op) warns
+    once and uses the eager module from then on, so a missing toolchain costs speed, never a run."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.compiled, self.failed = module, torch.compile(module, dynamic=False), False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.failed:
+            try:
+                return self.compiled(x)
+            except Exception as e:   # compile errors surface at the first call, of many kinds
+                self.failed = True
+                warnings.warn(f"torch.compile unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                              "running the encoder eagerly", stacklevel=2)
+        return self.module(x)
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -85,6 +106,15 @@ class Encoder(nn.Module):
         if self.spec.name == "densenet201":
             return torch.relu(self.backbone.features(x))   # torchvision applies this ReLU in forward()
         return self.backbone.forward_features(x)
+
+    def inference_forward(self) -> Callable[[Tensor], Tensor]:
+        """`forward` for bulk inference: through torch.compile where it works (inductor fuses each block's
+        conv + BN + activation: ~2x the eager images/s on 2 CPU cores, `python -m bench --only features`),
+        else plain `forward`. Built once per encoder. CAPTIONSCOPE_COMPILE=0 turns compiling off."""
+        if "_inference_forward" not in self.__dict__:   # not an attribute nn.Module would register
+            enabled = os.environ.get("CAPTIONSCOPE_COMPILE", "1") != "0"
+            self.__dict__["_inference_forward"] = _CompiledOrEager(self) if enabled else self
+        return self.__dict__["_inference_forward"]
 
     def set_trainable_blocks(self, n: int) -> None:
         """Freeze everything but the last `n` stages (0 = frozen encoder, the usual setting)."""

@@ -139,34 +139,85 @@ class ShowAttendTell(nn.Module):
         """Teacher forcing over padded captions (B,T) = <start> w1 .. wn <end> <pad>...
 
         Returns logits (B, T-1, V) predicting captions[:, 1:] and attention (B, T-1, L); positions past a
-        caption's end are zero. Rows are processed longest-first and the active batch shrinks as captions
-        end (the packed-sequence trick), so padding costs no compute.
+        caption's end are zero. Same maths as calling `step` T-1 times, arranged for speed:
+        - rows run longest-first and the active batch shrinks as captions end (the packed-sequence
+          trick), so padding costs no compute;
+        - only the recurrence (attention, gate, LSTM) stays in the time loop. Everything that does not
+          feed back — the word embedding's share of the LSTM gates and the whole output layer — runs once
+          over all N real tokens as a few large matrix products, which is where a CPU reaches its peak.
         """
         B, T = captions.shape
         steps = (lengths - 1).clamp(min=0)                    # words to predict per caption
         order = torch.argsort(steps, descending=True)
-        features, captions, steps = features[order], captions[order], steps[order]
+        features, inputs, steps = features[order], captions[order, :-1], steps[order]
+        active_per_step = [n for n in (int((steps > t).sum()) for t in range(T - 1)) if n > 0]
+        # packed layout: step t holds rows 0..n_t-1 (rows are sorted, so the active ones are a prefix)
+        rows = torch.tensor([r for n in active_per_step for r in range(n)], dtype=torch.long)
+        times = torch.tensor([t for t, n in enumerate(active_per_step) for _ in range(n)], dtype=torch.long)
+        rows, times = rows.to(captions.device), times.to(captions.device)
+
+        embedded = self.embedding(inputs[rows, times])        # (N, E): the N real input tokens, packed
+        E = self.config.embed_dim
+        w_ih, w_hh, lstm = self.lstm.weight_ih, self.lstm.weight_hh, self.lstm
+        # gates = W_ih [e; z] + W_hh h + b: the e part does not depend on the recurrence
+        w_recurrent = torch.cat([w_ih[:, E:], w_hh], dim=1)  # one product per step for [z; h]
+        recurrent_inputs: list[Tensor] = []                   # the [z; h] of every step, filled by the loop
+        gates_from_words = _WordGates.apply(embedded, w_ih[:, :E], lstm.bias_ih + lstm.bias_hh, w_recurrent,
+                                            recurrent_inputs)  # (N, 4D)
+
         state = self.init_state(features)
-        embedded = self.embedding(captions)
-        V, L = self.config.vocab_size, features.shape[1]
-        logits = features.new_zeros(B, T - 1, V)
-        alphas = features.new_zeros(B, T - 1, L)
-        active_per_step = [(steps > t).sum().item() for t in range(T - 1)]
         h, c = state.h, state.c
-        for t, n in enumerate(active_per_step):
-            if n == 0:
-                break
-            sub = DecoderState(h[:n], c[:n], state.features[:n], state.att_features[:n])
-            context, alpha, _ = self._attend(sub)
-            h_n, c_n = self.lstm(torch.cat([embedded[:n, t], context], dim=1), (sub.h, sub.c))
-            logits[:n, t] = self._logits(embedded[:n, t], h_n, context)
-            alphas[:n, t] = alpha
-            # rows >= n have finished: keep their (unused) state so the shapes line up
-            h = torch.cat([h_n, h[n:]]) if n < B else h_n
-            c = torch.cat([c_n, c[n:]]) if n < B else c_n
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(B, device=order.device)
-        return logits[inverse], alphas[inverse]
+        hs, contexts, alphas_packed = [], [], []
+        # split, not slices: its backward is one concatenation instead of a zero-filled copy per step
+        for n, word_gates in zip(active_per_step, gates_from_words.split(active_per_step)):
+            h, c = h[:n], c[:n]                               # finished rows drop out for good
+            context, alpha, _ = self._attend(DecoderState(h, c, state.features[:n], state.att_features[:n]))
+            step_input = torch.cat([context, h], dim=1)
+            recurrent_inputs.append(step_input.detach())
+            # detached weight: its gradient comes from _WordGates, in one product over all steps
+            gates = torch.addmm(word_gates, step_input, w_recurrent.detach().t())
+            i, f, g, o = gates.chunk(4, dim=1)                # nn.LSTMCell's gate order
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            hs.append(h), contexts.append(context), alphas_packed.append(alpha)
+
+        V, L = self.config.vocab_size, features.shape[1]
+        if not hs:
+            return features.new_zeros(B, T - 1, V), features.new_zeros(B, T - 1, L)
+        token_logits = self._logits(embedded, torch.cat(hs), torch.cat(contexts))
+        token_alphas = torch.cat(alphas_packed)
+        # scatter straight to the caller's row order (order[rows]): no second copy to undo the sort. The
+        # zeros take the products' dtype (bf16 under autocast).
+        at = (order[rows], times)
+        logits = token_logits.new_zeros(B, T - 1, V).index_put_(at, token_logits)
+        alphas = token_alphas.new_zeros(B, T - 1, L).index_put_(at, token_alphas)
+        return logits, alphas
+
+
+class _WordGates(torch.autograd.Function):
+    """The word half of the LSTM gates, W_e e + b, whose backward also returns the recurrent weight's gradient.
+
+    Every step adds W_r [z_t; h_t] to its slice of these gates, so the gradient arriving here, stacked over
+    steps, is exactly each step's gate gradient dG_t. The weight gradient Σ_t dG_tᵀ [z_t; h_t] is then one
+    large product instead of T small ones accumulated one by one (the steps use W_r detached). That is the
+    largest single saving in a CPU training step (`python -m bench --only train_step`).
+    """
+
+    @staticmethod
+    def forward(ctx, embedded: Tensor, w_words: Tensor, bias: Tensor, w_recurrent: Tensor,
+                recurrent_inputs: list[Tensor]) -> Tensor:
+        ctx.save_for_backward(embedded, w_words)
+        ctx.recurrent_inputs = recurrent_inputs       # complete by the time backward runs
+        return F.linear(embedded, w_words, bias)
+
+    @staticmethod
+    def backward(ctx, d_gates: Tensor):
+        # under autocast the gradient arrives in bf16: compute in its precision (autograd casts the results
+        # back to each input's dtype)
+        embedded, w_words = (t.to(d_gates.dtype) for t in ctx.saved_tensors)
+        inputs = torch.cat(ctx.recurrent_inputs).to(d_gates.dtype)
+        d_recurrent = d_gates.t() @ inputs if ctx.needs_input_grad[3] else None
+        return d_gates @ w_words, d_gates.t() @ embedded, d_gates.sum(0), d_recurrent, None
 
 
 def caption_loss(logits: Tensor, alphas: Tensor, captions: Tensor, lengths: Tensor, *,

@@ -208,7 +208,7 @@ def train_scst(cfg: ScstConfig, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     log_path, last_path, best_path = out / "log.jsonl", out / "last.safetensors", out / "best.safetensors"
     state_path = out / "train_state.safetensors"
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     steps_per_epoch = max(len(train_items) // cfg.batch_size, 1)
     xe_epoch = int(init.training.get("epoch", -1))
 

@@ -42,16 +42,11 @@ if item is not None and widths:
         pic.image(image, caption=item.name, width="stretch")
         frame = pd.DataFrame(rows, columns=["width", "caption", "logprob", "normalised", "length", "finished",
                                             "time_ms"])
-        table.dataframe(frame, hide_index=True, width="stretch", column_config={
-            "width": st.column_config.NumberColumn("Beam", width="small"),
-            "caption": st.column_config.TextColumn("Caption", width="medium"),
-            "logprob": st.column_config.NumberColumn("Log-prob", format="%.2f", help="Sum of token log-probs"),
-            "normalised": st.column_config.NumberColumn("Per token", format="%.3f",
-                                                        help="Log-prob / emitted tokens (incl. <end>)"),
-            "length": st.column_config.NumberColumn("Words"),
-            "finished": st.column_config.CheckboxColumn("<end>"),
-            "time_ms": st.column_config.NumberColumn("Time", format="%.0f ms", help="Decode time (first run)"),
-        })
+        frame["finished"] = frame["finished"].map({True: "yes", False: "no"})
+        table.table(widgets.text_table(frame, {
+            "width": ("Beam", "{}"), "caption": ("Caption", "{}"), "logprob": ("Log-prob", "{:.2f}"),
+            "normalised": ("Per token", "{:.3f}"), "length": ("Words", "{}"), "finished": ("<end>", "{}"),
+            "time_ms": ("Time (ms)", "{:.0f}")}), hide_index=True)
         table.caption("Wider beams find captions with a higher total log-prob; the per-token column shows "
                       "whether they win only by being shorter (raise α to counter that).")
 elif not widths:

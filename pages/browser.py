@@ -75,16 +75,17 @@ rows.insert(0, "thumbnail", [widgets.thumbnail_uri(p, widgets.mtime_ns(p)) for p
 for metric in corpus.TABLE_METRICS:
     rows[metric] = rows[metric] * 100
 table_key = f"browse_table_{page}_{page_size}_{sort}_{where}_{query}"
+# pixel widths that fit the 1280 px layout beside the sidebar without sideways scrolling; the file name
+# and the full references are in the details below (double-clicking a cell also shows all of it)
 selection = st.dataframe(
-    rows[["thumbnail", "image", "caption", *corpus.TABLE_METRICS, "length", "references_text"]],
+    rows[["thumbnail", "caption", *corpus.TABLE_METRICS, "length", "references_text"]],
     hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key=table_key,
     row_height=64, column_config={
-        "thumbnail": st.column_config.ImageColumn("", width="small"),
-        "image": st.column_config.TextColumn("Image", width="small"),
-        "caption": st.column_config.TextColumn("Caption", width="large"),
-        "references_text": st.column_config.TextColumn("References", width="large"),
-        **{m: st.column_config.NumberColumn(m, format="%.1f", width="small") for m in corpus.TABLE_METRICS},
-        "length": st.column_config.NumberColumn("Words", width="small"),
+        "thumbnail": st.column_config.ImageColumn("", width=64),
+        "caption": st.column_config.TextColumn("Caption", width=250),
+        **{m: st.column_config.NumberColumn(m, format="%.1f", width=66) for m in corpus.TABLE_METRICS},
+        "length": st.column_config.NumberColumn("Words", width=56),
+        "references_text": st.column_config.TextColumn("References", width=230),
     })
 selected_rows = selection.selection.rows if selection is not None and hasattr(selection, "selection") else []
 names = rows["image"].tolist()

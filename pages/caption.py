@@ -70,11 +70,12 @@ for label, item in inputs:
         st.caption(f"encode {decoded.encode_ms:.0f} ms · decode {decoded.decode_ms:.0f} ms · "
                    f"{len(decoded.hypotheses)} hypothes{'is' if len(decoded.hypotheses) == 1 else 'es'}")
         frame = widgets.nbest_frame(decoded)
-        shown = ["rank", "caption", "log-prob", "normalised", "length"]
-        if decoding.length_penalty:
-            shown.insert(3, "score")        # with α = 0 the score is the log-prob
-        st.dataframe(frame, hide_index=True, column_config=widgets.NBEST_COLUMNS, column_order=shown,
-                     width="stretch")
+        columns = {k: v for k, v in widgets.NBEST_COLUMNS.items()
+                   if k != "score" or decoding.length_penalty}          # with α = 0 the score is the log-prob
+        st.table(widgets.text_table(frame, columns), hide_index=True)
+        st.caption("Log-prob: sum over the caption's tokens · per token: divided by the emitted tokens "
+                   "(incl. <end>)" + (" · score: the length-penalised log-prob the list is ranked by"
+                                      if decoding.length_penalty else ""))
     for row in frame.to_dict("records"):
         records.append({"image": item.name, "sha256": item.key, **row,
                         "encode_ms": round(decoded.encode_ms, 1), "decode_ms": round(decoded.decode_ms, 1)})

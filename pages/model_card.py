@@ -1,5 +1,4 @@
 """Model card: training curves, configuration, and metrics next to the paper's Flickr8K numbers."""
-import json
 from pathlib import Path
 
 import pandas as pd

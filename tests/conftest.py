@@ -11,6 +11,9 @@ from pathlib import Path
 # One intra-op thread: the tiny models gain nothing from two, and on a busy 2-core machine OpenMP's
 # spin-waiting made each tiny step ~100x slower. Set before torch loads so subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# torch.compile costs seconds per fresh graph, which the tiny encoders never win back; the tests that
+# check the compiled path turn it on for themselves.
+os.environ.setdefault("CAPTIONSCOPE_COMPILE", "0")
 
 import pytest
 import torch

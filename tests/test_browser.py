@@ -46,7 +46,7 @@ PAGE_TIMEOUT_S = 900 if SCREENSHOT_MODE else 120     # the real dev split is cap
 PHOTO = REPO / "assets" / "examples" / "coffee.jpg"
 PAGES = ["Home", "Caption", "Attention", "Beam comparison", "Flickr8K browser", "Model card"]
 # what only the finished page shows (the Flickr8K browser captions the whole split before drawing its table)
-READY = {"Beam comparison": '[data-testid="stMain"] [data-testid="stDataFrame"]',
+READY = {"Beam comparison": '[data-testid="stMain"] [data-testid="stTable"]',
          "Flickr8K browser": '[data-testid="stMain"] h3:has-text("Details")',
          "Model card": '[data-testid="stMain"] [data-testid="stTable"]',
          "Home": '[data-testid="stMain"] [data-testid="stImage"] img'}
@@ -192,3 +192,20 @@ def test_bad_upload_shows_error_in_place(server, browser, expected, photo):
         assert horizontal_overflow(page)["document"] <= 0
     finally:
         page.context.close()
+
+
+def test_deep_link_as_first_request_of_a_fresh_server(expected, tiny_flickr, tmp_path_factory, browser):
+    """A `pages/` folder starts a server in Streamlit's legacy folder mode: without ui.state's fix the first
+    request, if a deep link, got a sidebar of file names ('attention', 'beams', 'dashboard' ...)."""
+    env = {"CAPTIONSCOPE_CHECKPOINT_DIR": str(expected[0]), "FLICKR8K_DIR": str(tiny_flickr),
+           "CAPTIONSCOPE_FEATURES_DIR": str(tmp_path_factory.mktemp("no_features_deep"))}
+    with dashboard_server(env) as fresh:
+        page = new_page(browser, f"{fresh.url}/beams", timeout_ms=PAGE_TIMEOUT_S * 1000)
+        try:
+            page.locator('[data-testid="stMain"] h1', has_text="Beam comparison").first.wait_for(
+                timeout=PAGE_TIMEOUT_S * 1000)
+            wait_idle(page, PAGE_TIMEOUT_S)
+            assert nav_titles(page) == PAGES
+            assert page.url.rstrip("/").endswith("/beams") and not error_boxes(page)
+        finally:
+            page.context.close()

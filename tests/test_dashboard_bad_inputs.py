@@ -107,7 +107,7 @@ def test_single_image_pages_show_the_error_in_place(env, page, prefix):
     if page == "attention":
         assert len(at.get("pills")[0].options) >= 1          # the words of the caption
     else:
-        assert len(at.dataframe[0].value) == len(at.session_state["p_beam_widths"])
+        assert len(at.table[0].value) == len(at.session_state["p_beam_widths"])
 
 
 def test_attention_page_uses_the_upright_exif_image(env):

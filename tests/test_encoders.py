@@ -72,3 +72,26 @@ def test_fine_tuning_unfreezes_only_the_last_blocks():
     encoder.set_trainable_blocks(1)
     trainable = {n for n, p in encoder.backbone.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("conv_head", "bn2")) for n in trainable)
+
+
+def test_compiled_inference_equals_eager_and_falls_back(monkeypatch):
+    monkeypatch.setenv("CAPTIONSCOPE_COMPILE", "1")
+    encoder = build_encoder("efficientnet_lite2", "none").eval()
+    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        eager = encoder(pixels)
+        compiled = encoder.inference_forward()
+        assert compiled is encoder.inference_forward() and compiled is not encoder   # built once
+        assert torch.allclose(compiled(pixels), eager, atol=1e-4, rtol=1e-4)
+
+    def broken_compile(module, **kw):
+        def fails(x):
+            raise RuntimeError("no C++ compiler")
+        return fails
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fresh = build_encoder("efficientnet_lite2", "none").eval()
+    fresh.load_state_dict(encoder.state_dict())
+    with torch.inference_mode(), pytest.warns(UserWarning, match="no C.. compiler"):
+        assert torch.equal(fresh.inference_forward()(pixels), eager)
+    monkeypatch.setenv("CAPTIONSCOPE_COMPILE", "0")
+    assert build_encoder("efficientnet_lite2", "none").inference_forward().__class__.__name__ == "Encoder"

@@ -29,6 +29,28 @@ def test_teacher_forcing_equals_stepwise_decoding():
             assert torch.all(logits[~live, t] == 0) and bool(((beta > 0) & (beta < 1)).all())
 
 
+def test_packed_forward_has_the_gradients_of_stepwise_teacher_forcing():
+    """forward() hoists the word half of the LSTM gates and the output layer out of the time loop and runs
+    its own LSTM cell: its loss and every parameter's gradient must equal T-1 plain `step` calls."""
+    model = tiny_model()
+    feats, caps, lengths = batch()
+    loss, _ = caption_loss(*model(feats, caps, lengths), caps, lengths)
+    loss.backward()
+    packed = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    state, step_logits, step_alphas = model.init_state(feats), [], []
+    for t in range(caps.shape[1] - 1):
+        logits, alpha, _, state = model.step(caps[:, t], state)
+        live = (lengths - 1 > t).unsqueeze(1)
+        step_logits.append(logits * live), step_alphas.append(alpha * live)
+    stepwise, _ = caption_loss(torch.stack(step_logits, 1), torch.stack(step_alphas, 1), caps, lengths)
+    stepwise.backward()
+    assert torch.allclose(loss, stepwise, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(packed[name], p.grad, atol=1e-6), name
+    assert packed["lstm.weight_ih"].abs().sum() > 0 and packed["classifier.weight"].abs().sum() > 0
+
+
 def test_attention_rows_sum_to_one_and_state_reorders():
     model = tiny_model()
     feats, caps, _ = batch()

@@ -272,9 +272,34 @@ def page_setup() -> None:
     without the entry point, when it treats the app as a legacy `pages/` folder app: the first request of
     a server process and `AppTest.switch_page`. Drawn here, the sidebar exists exactly once either way.
     """
+    leave_folder_mode()
     st.set_page_config(**PAGE_CONFIG)
     keep_page_state()
     render_sidebar()
+
+
+def leave_folder_mode() -> None:
+    """Route a fresh server's first deep link (`/caption`) through dashboard.py's st.navigation.
+
+    A server process starts in Streamlit's legacy folder mode when a `pages/` folder sits beside the entry
+    point, and only leaves it once st.navigation runs. A deep link as the very first request would run the
+    page file directly, with a sidebar listing file names. Leaving the mode by hand and rerunning sends
+    that request through dashboard.py, which opens the same page (same URL path) under the real menu.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:    # a Streamlit without this internal: nothing to fix, at worst file-name links
+        return
+    if PagesManager.uses_pages_directory and real_server():
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+def real_server() -> bool:
+    """A real `streamlit run` server. AppTest installs a mock Runtime and runs page files on their own by
+    design (`switch_page`); a rerun there would drop the widget events a test sends."""
+    from streamlit import runtime
+    return runtime.exists() and type(runtime.get_instance()) is runtime.Runtime
 
 
 def keep_page_state() -> None:

@@ -100,17 +100,16 @@ def nbest_frame(decoded: Decoded) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-NBEST_COLUMNS = {
-    "rank": st.column_config.NumberColumn("#", width="small"),
-    "caption": st.column_config.TextColumn("Caption", width="medium"),
-    "log-prob": st.column_config.NumberColumn("Log-prob", format="%.2f", help="Sum of token log-probs"),
-    "normalised": st.column_config.NumberColumn("Per token", format="%.3f",
-                                                help="Log-prob / emitted tokens (incl. <end>)"),
-    "score": st.column_config.NumberColumn("Score", format="%.2f",
-                                           help="Length-penalised log-prob: what the n-best list is ranked by"),
-    "length": st.column_config.NumberColumn("Words"),
-    "finished": st.column_config.CheckboxColumn("<end>", help="The caption ended with <end>"),
-}
+# n-best columns: (label, format). "score" is the length-penalised log-prob the list is ranked by.
+NBEST_COLUMNS = {"rank": ("Rank", "{}"), "caption": ("Caption", "{}"), "log-prob": ("Log-prob", "{:.2f}"),
+                 "score": ("Score", "{:.2f}"), "normalised": ("Per token", "{:.3f}"), "length": ("Words", "{}")}
+
+
+def text_table(frame: pd.DataFrame, columns: Mapping[str, tuple[str, str]]) -> pd.DataFrame:
+    """A display copy for st.table(..., hide_index=True): `columns` maps source column -> (label, format
+    string), in order. A static table wraps long captions where st.dataframe cuts them off, and costs the
+    browser far less to draw. Cells and labels are Markdown there: no "#" or "*" labels."""
+    return pd.DataFrame({label: [fmt.format(v) for v in frame[col]] for col, (label, fmt) in columns.items()})
 
 
 def metric_row(values: Mapping[str, float], *, scale: float = 100.0) -> dict[str, float]:
