@@ -3,12 +3,17 @@
     python -m bench                              # the full suite on the bundled checkpoint + Flickr8K caches
     python -m bench --only decoding --images 1000 --repeats 3
     python -m bench --quick --synthetic          # a short smoke run that needs no data (what the tests run)
+    python -m bench --runs 3                     # three whole runs in fresh processes: per figure, the median run
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import os
+import subprocess
+import tempfile
 import platform
 import sys
 import time
@@ -17,7 +22,7 @@ from pathlib import Path
 import core  # noqa: F401  (before torch: it sets the OpenMP spin policy core's CLIs run with)
 import torch
 
-from bench.common import DEFAULT_CHECKPOINT, DEFAULT_DATA, DEFAULT_FEATURES, Row, print_table
+from bench.common import DEFAULT_CHECKPOINT, DEFAULT_DATA, DEFAULT_FEATURES, Row, median_rows, print_table
 
 BENCHES = ("decoding", "upload", "features", "train_step", "dashboard")
 
@@ -42,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=5, help="train_step: timed steps")
     p.add_argument("--batch-size", type=int, default=64, help="train_step: batch size")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--runs", type=int, default=1, help="whole runs, each in a fresh process; prints the median")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.images, args.uploads = 1, 8, 3
@@ -52,8 +59,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def repeated_runs(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--runs N`: the suite N times, each in its own process, then the per-figure median run."""
+    passed = [a for i, a in enumerate(argv) if a != "--runs" and (i == 0 or argv[i - 1] != "--runs")
+              and not a.startswith("--runs=")]
+    runs: list[list[Row]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.runs):
+            print(f"== run {k + 1} of {args.runs}", flush=True)
+            out = Path(tmp) / f"run{k}.json"
+            subprocess.run([sys.executable, "-m", "bench", *passed, "--json", str(out)], check=True)
+            runs.append([Row(**r) for r in json.loads(out.read_text())])
+    print(f"\n== median of {args.runs} runs")
+    rows = median_rows(runs)
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.runs > 1:
+        return repeated_runs(args, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"CaptionScope bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -80,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += got
     print()
     print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     return 0
 
 

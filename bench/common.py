@@ -5,9 +5,10 @@ measured side by side mean something), repeats both and reports medians.
 """
 from __future__ import annotations
 
+import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +30,27 @@ class Row:
     target: str
     ok: bool | None
     notes: list[str] = field(default_factory=list)
+
+    def judged(self) -> float:
+        """The number the target is about: the ratio for ratio targets ("8x", "of peak"), else the value."""
+        if self.ratio is not None and ("x" in self.target or "peak" in self.target or self.target == "-"):
+            return self.ratio
+        number = re.match(r"\s*([0-9.]+)", self.value)
+        return float(number.group(1)) if number else float("nan")
+
+
+def median_rows(runs: list[list[Row]]) -> list[Row]:
+    """Per figure, the row of the run with the median judged number; `ok` becomes "k/N" runs that met the
+    target. Runs are whole `python -m bench` processes (on these machines a process can land in a slow or a
+    fast mode as a whole, which repeats inside one run cannot show)."""
+    merged = []
+    for rows in zip(*runs):
+        ordered = sorted(rows, key=Row.judged)
+        mid = ordered[(len(ordered) - 1) // 2]
+        ok = "-" if all(r.ok is None for r in rows) else f"{sum(bool(r.ok) for r in rows)}/{len(rows)}"
+        low, high = ordered[0].judged(), ordered[-1].judged()
+        merged.append(replace(mid, ok=ok, notes=mid.notes + [f"median of {len(rows)} runs: range {low:.2f} to {high:.2f}"]))
+    return merged
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 0) -> tuple[float, list[float]]:
@@ -71,7 +93,7 @@ def print_table(rows: list[Row]) -> str:
     """The table `python -m bench` prints: every benchmark has one `ratio` line per figure."""
     head = ("bench", "figure", "value", "baseline", "ratio", "target", "ok")
     body = [(r.bench, r.figure, r.value, r.baseline, "-" if r.ratio is None else f"{r.ratio:.2f}x",
-             r.target, {True: "yes", False: "NO", None: "-"}[r.ok]) for r in rows]
+             r.target, r.ok if isinstance(r.ok, str) else {True: "yes", False: "NO", None: "-"}[r.ok]) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]

@@ -21,3 +21,17 @@ def test_quick_bench_prints_every_benchmarks_ratio_line():
         assert "failed" not in rows[name] and "x " in rows[name] + " ", rows[name]   # a measured ratio, e.g. 7.31x
     assert "skipped" in rows["dashboard"]                                           # --quick skips the browser
     assert "identical captions 8/8" in done.stdout
+
+
+def test_median_of_runs_takes_the_middle_run_per_figure():
+    from bench.common import Row, median_rows
+
+    def run(ratio: float, latency_ms: float) -> list[Row]:
+        return [Row("features", "images/s", f"{ratio * 70:.1f} img/s", "70 img/s", ratio, ">= 2x", ratio >= 2),
+                Row("upload", "p50", f"{latency_ms:.0f} ms", "60 ms naive", 60 / latency_ms, "p50 <= 100 ms",
+                    latency_ms <= 100)]
+
+    features, upload = median_rows([run(1.4, 40), run(2.3, 120), run(2.1, 45)])
+    assert features.ratio == 2.1 and features.ok == "2/3"            # the middle ratio, not the mean 1.93
+    assert upload.value == "45 ms" and upload.ok == "2/3"            # latency targets: the middle value
+    assert "range 1.40 to 2.30" in features.notes[-1]
