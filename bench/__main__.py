@@ -61,14 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def repeated_runs(args: argparse.Namespace, argv: list[str]) -> int:
     """`--runs N`: the suite N times, each in its own process, then the per-figure median run."""
-    passed = [a for i, a in enumerate(argv) if a != "--runs" and (i == 0 or argv[i - 1] != "--runs")
-              and not a.startswith("--runs=")]
     runs: list[list[Row]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.runs):
             print(f"== run {k + 1} of {args.runs}", flush=True)
             out = Path(tmp) / f"run{k}.json"
-            subprocess.run([sys.executable, "-m", "bench", *passed, "--json", str(out)], check=True)
+            # the same arguments; the later --runs 1 / --json win over the caller's
+            subprocess.run([sys.executable, "-m", "bench", *argv, "--runs", "1", "--json", str(out)], check=True)
             runs.append([Row(**r) for r in json.loads(out.read_text())])
     print(f"\n== median of {args.runs} runs")
     rows = median_rows(runs)

@@ -112,6 +112,13 @@ TITLE_HEIGHT = 26
 GAP = 4
 
 
+def _steps_by_regions(attention: np.ndarray) -> np.ndarray:
+    attention = np.asarray(attention, dtype=np.float32)
+    if attention.ndim != 2 or attention.shape[0] == 0:
+        raise ConfigError(f"attention must be a non-empty (steps, regions) array, got shape {attention.shape}")
+    return attention
+
+
 def attention_grid(image: Image.Image, words: list[str], attention: np.ndarray, grid: int, *, cols: int = 5,
                    opacity: float = 0.5, cmap: str = "jet", smooth: bool = True,
                    panel_width: int = 224) -> Image.Image:
@@ -120,9 +127,7 @@ def attention_grid(image: Image.Image, words: list[str], attention: np.ndarray, 
     Layout: panels of panel_width x (TITLE_HEIGHT + image height at that width), `min(cols, n)` per row,
     GAP pixels between panels and none around the edge, on a white background.
     """
-    attention = np.asarray(attention, dtype=np.float32)
-    if attention.ndim != 2 or attention.shape[0] == 0:
-        raise ConfigError(f"attention must be a non-empty (steps, regions) array, got shape {attention.shape}")
+    attention = _steps_by_regions(attention)
     if cols < 1:
         raise ConfigError(f"cols must be >= 1, got {cols}")
     labels = _labels(words, attention.shape[0])
@@ -152,9 +157,7 @@ def attention_gif_bytes(image: Image.Image, words: list[str], attention: np.ndar
                         width: int = 320, loop: int = 0) -> bytes:
     """Animated GIF, one frame per word: the word's attention over the image, the caption so far below it
     (earlier words grey, the current one white), so repeated words still make distinct frames."""
-    attention = np.asarray(attention, dtype=np.float32)
-    if attention.ndim != 2 or attention.shape[0] == 0:
-        raise ConfigError(f"attention must be a non-empty (steps, regions) array, got shape {attention.shape}")
+    attention = _steps_by_regions(attention)
     if ms_per_word < 20:
         raise ConfigError(f"ms_per_word must be >= 20 (GIF timing resolution), got {ms_per_word}")
     labels = _labels(words, attention.shape[0])

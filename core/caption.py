@@ -15,7 +15,7 @@ import sys
 from core.captioner import CaptionFailure, Captioner
 from core.checkpoint import default_checkpoint_path
 from core.decoding import DecodingConfig
-from core.errors import CaptionScopeError
+from core.errors import cli_main
 
 
 def hypothesis_json(captioner: Captioner, result) -> list[dict]:
@@ -24,6 +24,7 @@ def hypothesis_json(captioner: Captioner, result) -> list[dict]:
             for h, words in zip(result.hypotheses, result.words)]
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.caption", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", help="image files (jpg, png, webp, bmp, gif, tiff)")
@@ -41,17 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     args = parser.parse_args(argv)
-    try:
-        decoding = DecodingConfig(beam_size=args.beam, num_return_sequences=args.nbest,
-                                  length_penalty=args.length_penalty, max_length=args.max_length,
-                                  no_repeat_ngram_size=args.no_repeat_ngram, do_sample=args.sample,
-                                  temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-        decoding.validate()
-        captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
-                                              encoder_weights=args.encoder_weights)
-    except CaptionScopeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    decoding = DecodingConfig(beam_size=args.beam, num_return_sequences=args.nbest,
+                              length_penalty=args.length_penalty, max_length=args.max_length,
+                              no_repeat_ngram_size=args.no_repeat_ngram, do_sample=args.sample,
+                              temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    decoding.validate()
+    captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
+                                          encoder_weights=args.encoder_weights)
     failed = 0
     for path, result in zip(args.images, captioner.caption_many(args.images, decoding, names=args.images)):
         if isinstance(result, CaptionFailure):

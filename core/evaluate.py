@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig, generate
-from core.errors import CaptionScopeError
+from core.errors import cli_main
 from core.features import FeatureStore
 from core.io_utils import atomic_write_json, atomic_write_text
 from core.metrics import METRIC_NAMES, Scores, format_scores, score_captions
@@ -80,6 +80,7 @@ def evaluate_beam(captioner, items: Sequence[ImageCaptions], decoding: DecodingC
     return predictions, scores, summary
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     from core.captioner import Captioner
     from core.checkpoint import default_checkpoint_path
@@ -102,38 +103,34 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write NAME.eval.json next to the checkpoint (the model card's table), with a "
                              "50-image subset scored from the image files for the regression test")
     args = parser.parse_args(argv)
-    try:
-        captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
-                                              encoder_weights=args.encoder_weights)
-        items = load_dataset(args.data).split(args.split)
-        items = items[: args.limit] if args.limit else items
-        card = {"split": args.split, "images": len(items), "checkpoint_sha256": captioner.checkpoint_id, "beams": {}}
-        for beam in args.beam:
-            decoding = DecodingConfig(beam_size=beam, length_penalty=args.length_penalty,
-                                      max_length=args.max_length, no_repeat_ngram_size=args.no_repeat_ngram)
-            decoding.validate()
-            predictions, scores, summary = evaluate_beam(captioner, items, decoding,
-                                                         features_dir=args.features, split=args.split)
-            out = Path(args.out) if len(args.beam) == 1 else Path(args.out) / f"beam{beam}"
-            atomic_write_json(out / "metrics.json", summary)
-            atomic_write_text(out / "captions.csv", captions_csv(predictions, items, scores))
-            card["beams"][str(beam)] = {**scores.corpus, "mean_length": summary["mean_length"],
-                                        "vocabulary_used": summary["vocabulary_used"]}
-            print(f"{args.split} ({len(items)} images, beam {beam}): {format_scores(scores.corpus)} "
-                  f"| mean length {summary['mean_length']:.1f}")
-            for note in scores.notes:
-                print(f"note: {note}")
-            print(f"wrote {out / 'metrics.json'} and {out / 'captions.csv'}")
-        if args.card:
-            subset = items[:50]
-            decoding = DecodingConfig(beam_size=3, max_length=args.max_length)
-            _, scores, _ = evaluate_beam(captioner, subset, decoding, features_dir=None, split=args.split)
-            card["dev_subset"] = {"images": len(subset), "beam": 3, "from": "image files",
-                                  "BLEU-4": scores.corpus["BLEU-4"], "CIDEr-D": scores.corpus["CIDEr-D"]}
-            print(f"wrote {write_eval_card(captioner.path, card)}")
-    except CaptionScopeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
+                                          encoder_weights=args.encoder_weights)
+    items = load_dataset(args.data).split(args.split)
+    items = items[: args.limit] if args.limit else items
+    card = {"split": args.split, "images": len(items), "checkpoint_sha256": captioner.checkpoint_id, "beams": {}}
+    for beam in args.beam:
+        decoding = DecodingConfig(beam_size=beam, length_penalty=args.length_penalty,
+                                  max_length=args.max_length, no_repeat_ngram_size=args.no_repeat_ngram)
+        decoding.validate()
+        predictions, scores, summary = evaluate_beam(captioner, items, decoding,
+                                                     features_dir=args.features, split=args.split)
+        out = Path(args.out) if len(args.beam) == 1 else Path(args.out) / f"beam{beam}"
+        atomic_write_json(out / "metrics.json", summary)
+        atomic_write_text(out / "captions.csv", captions_csv(predictions, items, scores))
+        card["beams"][str(beam)] = {**scores.corpus, "mean_length": summary["mean_length"],
+                                    "vocabulary_used": summary["vocabulary_used"]}
+        print(f"{args.split} ({len(items)} images, beam {beam}): {format_scores(scores.corpus)} "
+              f"| mean length {summary['mean_length']:.1f}")
+        for note in scores.notes:
+            print(f"note: {note}")
+        print(f"wrote {out / 'metrics.json'} and {out / 'captions.csv'}")
+    if args.card:
+        subset = items[:50]
+        decoding = DecodingConfig(beam_size=3, max_length=args.max_length)
+        _, scores, _ = evaluate_beam(captioner, subset, decoding, features_dir=None, split=args.split)
+        card["dev_subset"] = {"images": len(subset), "beam": 3, "from": "image files",
+                              "BLEU-4": scores.corpus["BLEU-4"], "CIDEr-D": scores.corpus["CIDEr-D"]}
+        print(f"wrote {write_eval_card(captioner.path, card)}")
     return 0
 
 

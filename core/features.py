@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from core.encoders import Encoder, build_encoder
-from core.errors import CaptionScopeError, DataError
+from core.errors import DataError, cli_main
 from core.images import load_image
 from core.io_utils import atomic_write_json
 
@@ -257,6 +257,7 @@ def _finish(encoder: Encoder, images: list[str], data_path: Path, index_path: Pa
             p.unlink(missing_ok=True)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     from core.data import load_dataset
 
@@ -271,22 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPUs - 2 on CPU)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
     args = parser.parse_args(argv)
-    try:
-        if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")
-        dataset = load_dataset(args.data, args.images)
-        encoder = build_encoder(args.encoder, args.encoder_weights)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        for split in args.split:
-            items = dataset.split(split)[: args.limit]
-            t0 = time.time()
-            store = extract_features(encoder, [it.path for it in items], args.out, split,
-                                     batch_size=args.batch_size, num_workers=args.workers, device=device)
-            if _dist_info()[0] == 0:
-                print(f"{split}: {len(store)} images -> {store.path} ({time.time() - t0:.0f} s)")
-    except CaptionScopeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    dataset = load_dataset(args.data, args.images)
+    encoder = build_encoder(args.encoder, args.encoder_weights)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for split in args.split:
+        items = dataset.split(split)[: args.limit]
+        t0 = time.time()
+        store = extract_features(encoder, [it.path for it in items], args.out, split,
+                                 batch_size=args.batch_size, num_workers=args.workers, device=device)
+        if _dist_info()[0] == 0:
+            print(f"{split}: {len(store)} images -> {store.path} ({time.time() - t0:.0f} s)")
     return 0
 
 

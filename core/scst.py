@@ -40,7 +40,7 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.data import load_dataset
 from core.decoding import DecodingConfig, greedy
-from core.errors import CaptionScopeError, ConfigError
+from core.errors import ConfigError, cli_main
 from core.evaluate import decode_store, score_predictions
 from core.features import open_features
 from core.io_utils import atomic_write_text
@@ -313,13 +313,10 @@ def parse_args(argv: list[str] | None) -> tuple[ScstConfig, bool]:
     return cfg, resume
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, resume = parse_args(argv)
-        print(f"best checkpoint: {train_scst(cfg, resume=resume)}")
-    except CaptionScopeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, resume = parse_args(argv)
+    print(f"best checkpoint: {train_scst(cfg, resume=resume)}")
     return 0
 
 

@@ -43,7 +43,7 @@ from core.checkpoint import save_checkpoint
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
 from core.encoders import ENCODERS, build_encoder
-from core.errors import CaptionScopeError, ConfigError
+from core.errors import ConfigError, cli_main
 from core.evaluate import decode_store, score_predictions
 from core.features import FeatureStore, LiveFeatures, open_features
 from core.io_utils import atomic_write_text, remove_stale_temp_files
@@ -320,6 +320,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
     return cfg, args, resume
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, model_overrides, resume = parse_args(argv)
@@ -332,9 +333,6 @@ def main(argv: list[str] | None = None) -> int:
             # leave together: a rank tearing gloo down while rank 0 still writes its last files made the
             # other rank abort at exit ("terminate called without an active exception")
             torch.distributed.barrier()
-    except CaptionScopeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
