@@ -19,7 +19,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,9 +27,9 @@ import torch
 
 from core.data import ImageCaptions
 from core.decoding import DecodingConfig, Hypothesis
-from core.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError, ImageError
 from core.features import FeatureStore, open_features
-from core.images import load_image
+from core.file_encoding import encode_files
 from core.io_utils import atomic_write_json
 from core.metrics import METRIC_NAMES, Scores, score_captions
 
@@ -165,6 +165,22 @@ def _entry(captioner, hyp: Hypothesis) -> dict:
             "length": len(hyp.token_ids), "finished": bool(hyp.finished)}
 
 
+def _captions_key(captioner, decoding: DecodingConfig, split: str, names: list[str]) -> dict:
+    return CaptionCache.make_key("captions", checkpoint=captioner.checkpoint_id, decoding=decoding.to_dict(),
+                                 split=split, images=names)
+
+
+def _complete(hit: Any, names: list[str]) -> bool:
+    return isinstance(hit, dict) and isinstance(hit.get("captions"), dict) and set(hit["captions"]) == set(names)
+
+
+def split_is_cached(captioner, items: Sequence[ImageCaptions], decoding: DecodingConfig, split: str,
+                    cache: CaptionCache) -> bool:
+    """Whether caption_split would answer from `cache` without computing anything."""
+    names = [it.image for it in items]
+    return _cacheable(decoding) and _complete(cache.get(_captions_key(captioner, decoding, split, names), names), names)
+
+
 def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingConfig, *,
                   features_dir: str | Path | None = "features", split: str = "dev",
                   cache: CaptionCache | None = None, progress: Progress | None = None,
@@ -188,10 +204,9 @@ def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingC
     use_cache = cache is not None and _cacheable(decoding)
     key = partial_key = None
     if use_cache:
-        key = CaptionCache.make_key("captions", checkpoint=captioner.checkpoint_id, decoding=decoding.to_dict(),
-                                    split=split, images=names)
+        key = _captions_key(captioner, decoding, split, names)
         hit = cache.get(key, names)
-        if isinstance(hit, dict) and isinstance(hit.get("captions"), dict) and set(hit["captions"]) == set(names):
+        if _complete(hit, names):
             if info is not None:
                 info.update(decode_s=float(hit.get("decode_s", 0.0)), source=hit.get("source", "cache"),
                             from_cache=True)
@@ -215,21 +230,13 @@ def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingC
     since_save = 0
     if progress and done:
         progress(len(done), total)
-    for start in range(0, len(todo), batch_size):
+    batches = _feature_batches(captioner, todo, store, row, batch_size, sources)
+    while True:
         t0 = time.perf_counter()
-        chunk = todo[start:start + batch_size]
-        cached_rows = [i for i, it in enumerate(chunk) if it.image in row]
-        image_rows = [i for i, it in enumerate(chunk) if it.image not in row]
-        parts: dict[int, torch.Tensor] = {}
-        if cached_rows:
-            got = store.get(np.asarray([row[chunk[i].image] for i in cached_rows]))
-            parts.update(zip(cached_rows, got))
-            sources.add("features")
-        if image_rows:
-            got = captioner.encode([load_image(chunk[i].path) for i in image_rows]).cpu()
-            parts.update(zip(image_rows, got))
-            sources.add("images")
-        feats = torch.stack([parts[i] for i in range(len(chunk))])
+        got = next(batches, None)
+        if got is None:
+            break
+        chunk, feats = got
         for it, nbest in zip(chunk, captioner.decode(feats, decoding)):
             done[it.image] = _entry(captioner, nbest[0])
         elapsed += time.perf_counter() - t0
@@ -247,6 +254,34 @@ def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingC
     if info is not None:
         info.update(decode_s=elapsed, source=source, from_cache=False)
     return result
+
+
+def _feature_batches(captioner, todo: Sequence[ImageCaptions], store: FeatureStore | None, row: dict[str, int],
+                     batch_size: int, sources: set[str]) -> Iterator[tuple[list[ImageCaptions], torch.Tensor]]:
+    """(items, (n, L, C) features) in decode batches of `batch_size`: first the images the feature cache
+    holds, then the rest from their files through core.file_encoding's compiled, overlapped encoder."""
+    cached = [it for it in todo if it.image in row]
+    for start in range(0, len(cached), batch_size):
+        chunk = cached[start:start + batch_size]
+        sources.add("features")
+        yield chunk, store.get(np.asarray([row[it.image] for it in chunk]))
+    files = [it for it in todo if it.image not in row]
+    if not files:
+        return
+    sources.add("images")
+    chunk, parts = [], []
+    for batch in encode_files(captioner.encoder, [it.path for it in files], names=[it.image for it in files],
+                              device=captioner.device):
+        if batch.failures:
+            raise ImageError(next(iter(batch.failures.values())))
+        chunk += [files[i] for i in batch.indices]
+        parts.append(batch.features)
+        while len(chunk) >= batch_size:
+            feats = torch.cat(parts)
+            yield chunk[:batch_size], feats[:batch_size]
+            chunk, parts = chunk[batch_size:], [feats[batch_size:]]
+    if chunk:
+        yield chunk, torch.cat(parts)
 
 
 # -- scores ------------------------------------------------------------------------------------------------
