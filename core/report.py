@@ -42,7 +42,7 @@ section{border-top:1px solid #e5e7eb;padding:1.5rem 0}
 .caption{font-size:1.3rem;font-weight:600;margin:.2rem 0 .8rem}
 table{border-collapse:collapse;font-size:.9rem;margin:.5rem 0}td,th{border-bottom:1px solid #e5e7eb;
 padding:.25rem .5rem;text-align:left}
-.strip{display:flex;gap:.4rem;overflow-x:auto;padding:.5rem 0}.strip figure{margin:0;text-align:center;
+.strip{display:flex;flex-wrap:wrap;gap:.4rem;padding:.5rem 0}.strip figure{margin:0;text-align:center;
 flex:0 0 auto}.strip img{display:block;border-radius:3px}.strip figcaption{font-size:.85rem}
 .error{color:#b91c1c}ol{margin:.3rem 0;padding-left:1.4rem}
 """

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import CaptionScopeError
-from ui import cache, state, widgets
+from ui import cache, links, state, widgets
 
 WIDTHS = list(range(1, 11))
 
@@ -30,6 +30,7 @@ if sidebar_decoding.do_sample:
 
 st.subheader("One image")
 item = widgets.single_image_picker("beam")
+links.share()
 if item is not None and widths:
     try:
         image = cache.display_image(captioner, item)

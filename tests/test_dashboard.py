@@ -97,7 +97,7 @@ def test_caption_example_and_nbest(env):
     assert nbest["Caption"].str.len().gt(0).all()
     logprobs = nbest["Log-prob"].astype(float)
     assert (logprobs.diff().dropna() <= 1e-6).all() or at.session_state["decoding"].length_penalty
-    assert {b.label for b in at.get("download_button")} == {"Download CSV", "Download JSON"}
+    assert {b.label for b in at.get("download_button")} == {"Download CSV", "Download JSON", "Report (HTML)"}
 
 
 def test_caption_bad_upload_keeps_the_others(env):

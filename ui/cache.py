@@ -9,6 +9,7 @@ function may not draw into elements created outside it, so corpus results use co
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -140,6 +141,10 @@ def _progress_bar(text: str):
     return bar, update
 
 
+# below this many images x settings a corpus job runs in the session itself (a few seconds at most)
+WORKER_MIN_IMAGES = int(os.environ.get("CAPTIONSCOPE_WORKER_MIN_IMAGES", "100"))
+
+
 @st.cache_resource
 def corpus_worker() -> CorpusWorker:
     """One low-priority worker process per server (core/worker.py): corpus jobs never slow other sessions."""
@@ -168,6 +173,8 @@ def run_corpus_job(captioner: Captioner, items: Sequence[ImageCaptions], decodin
                    split: str, text: str, *, with_meteor: bool) -> bool:
     """Caption + score in the worker process, with a progress bar; True when done there (the results are
     then in the on-disk cache), False where the caller must compute in this process."""
+    if len(items) * len(decodings) < WORKER_MIN_IMAGES:
+        return False            # seconds of work at most: not worth starting (or waiting for) the worker
     job = _worker_job(captioner, items, decodings, split, with_meteor)
     if job is None:
         return False

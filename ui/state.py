@@ -26,6 +26,7 @@ from core.data import CaptionDataset, find_data_dir_from_env, load_dataset
 from core.decoding import DecodingConfig
 from core.errors import CaptionScopeError, CheckpointError
 from core.io_utils import atomic_write_bytes, sha256_bytes
+from ui import links
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO / "assets" / "examples"
@@ -274,8 +275,10 @@ def page_setup() -> None:
     """
     leave_folder_mode()
     st.set_page_config(**PAGE_CONFIG)
+    links.begin_page(lambda: [c.label for c in available_checkpoints()])   # a link's settings, before widgets
     keep_page_state()
     render_sidebar()
+    links.show_messages()
 
 
 def leave_folder_mode() -> None:
