@@ -75,7 +75,8 @@ def test_every_page_renders(env):
     flickr = os.environ["FLICKR8K_DIR"]
     assert widget(at.text_input, "Flickr8K folder").value == flickr      # from $FLICKR8K_DIR
     titles = {"caption": "Caption", "attention": "Attention", "beams": "Beam comparison",
-              "browser": "Flickr8K browser", "model_card": "Model card", "home": "CaptionScope"}
+              "browser": "Flickr8K browser", "model_card": "Model card", "presentation": "Presentation",
+              "home": "CaptionScope"}
     for page, title in titles.items():
         at.switch_page(f"pages/{page}.py").run()
         assert not at.exception, (page, [e.value for e in at.exception])

@@ -66,3 +66,24 @@ def test_hostile_query_values_each_get_one_line(env):
     assert all("\n" not in w and "Traceback" not in w for w in warnings)
     assert widget(at.slider, "Beam width").value != 10**9
     assert widget(at.selectbox, "Checkpoint").value == "captionscope-lite2.safetensors"
+
+
+def test_presentation_link_and_controls(env):
+    at = open_link("presentation", {"image": "cat", "word": "2"})
+    assert not at.warning, [w.value for w in at.warning]
+    assert at.title[0].value == "Presentation"
+
+    def word() -> str:
+        value = at.query_params["word"]
+        return value[0] if isinstance(value, list) else value
+
+    assert word() == "2"
+    captions = [m.value for m in at.markdown if "cs-caption" in m.value]
+    assert captions and captions[0].count("cs-now") == 1
+    [b for b in at.button if b.label == "Next"][0].click().run()
+    assert word() == "3"
+    [b for b in at.button if b.label == "Previous"][0].click().run()
+    [b for b in at.button if b.label == "Previous"][0].click().run()
+    [b for b in at.button if b.label == "Previous"][0].click().run()      # stops at the first word
+    assert word() == "1"
+    assert [b.label for b in at.button if b.label in ("Play", "Pause")] == ["Play"]
