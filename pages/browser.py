@@ -6,6 +6,7 @@ import streamlit as st
 
 from core import corpus
 from core.errors import CaptionScopeError
+from core.images import fit_for_display
 from core.metrics import METRIC_NAMES
 from ui import cache, state, widgets
 from ui.cache import ImageInput
@@ -105,7 +106,7 @@ except CaptionScopeError as e:
     st.error(str(e))
     st.stop()
 pic, text = st.columns([2, 3])
-pic.image(image, caption=name, width="stretch")
+pic.image(fit_for_display(image), caption=name, width="stretch")
 with text:
     st.markdown(f"**Caption:** {predictions[name]['caption']}")
     st.markdown("**References:**\n" + "\n".join(f"{i + 1}. {ref}" for i, ref in enumerate(entry["references"])))

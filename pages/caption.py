@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import CaptionScopeError
-from core.images import SUPPORTED_EXTENSIONS
+from core.images import SUPPORTED_EXTENSIONS, fit_for_display
 from ui import cache, state, widgets
 from ui.cache import ImageInput
 
@@ -64,7 +64,7 @@ for label, item in inputs:
         st.error(str(e))
         continue
     pic, text = st.columns([2, 3])
-    pic.image(image, caption=item.name, width="stretch")
+    pic.image(fit_for_display(image), caption=item.name, width="stretch")
     with text:
         st.subheader(decoded.caption or "(empty caption)")
         st.caption(f"encode {decoded.encode_ms:.0f} ms · decode {decoded.decode_ms:.0f} ms · "
