@@ -23,7 +23,8 @@ st.caption(f"Decoding: {mode} · length penalty {decoding.length_penalty:g} · m
 left, right = st.columns([3, 2])
 with left:
     uploads = st.file_uploader("Upload photos", type=list(SUPPORTED_EXTENSIONS), accept_multiple_files=True,
-                               key="caption_uploads", help=widgets.upload_help())
+                               key="caption_uploads", help=widgets.upload_help(),
+                               max_upload_size=widgets.MAX_UPLOAD_MB)
 with right:
     examples = state.example_images()
     key = f"{state.PERSIST}caption_examples"

@@ -188,3 +188,22 @@ def test_attention_page_bounds_what_it_draws_for_a_strip(env, monkeypatch, size)
             assert h <= DISPLAY_LIMITS.max_side and max(w, h) / min(w, h) <= DISPLAY_LIMITS.max_aspect + 0.02
         else:                                                 # the grid: 5 panels a row, each bounded
             assert w == grid_width and h * w <= DISPLAY_LIMITS.max_total_pixels + (TITLE_HEIGHT + GAP) * w * 10
+
+
+def test_upload_names_are_shown_without_bidi_or_control_characters(env):
+    at = start("caption")
+    spoofed = "holiday\u202egpj.exe\u200b.jpg"                  # shows as "holidayexe.jpg" in a browser
+    uploader(at, "Upload photos").set_value([(spoofed, b"<html>not an image</html>", "image/jpeg"),
+                                             ("ok\u202e\n.jpg", GOOD[1], "image/jpeg")]).run()
+    assert not at.exception
+    errors = main_errors(at)
+    assert len(errors) == 1 and errors[0].startswith("holidaygpj.exe.jpg: "), errors
+    from streamlit.testing.v1.element_tree import Image as ImageElement
+
+    def images(node):
+        if isinstance(node, ImageElement):
+            yield node
+        for child in getattr(node, "children", {}).values():
+            yield from images(child)
+    captions = [c for image in images(at.main) for c in image.captions]
+    assert "ok .jpg" in captions and all("\u202e" not in c for c in captions), captions

@@ -17,6 +17,7 @@ from core.metrics import METRIC_NAMES
 from ui import state
 from ui.cache import Decoded, ImageInput
 
+# Asked of every image uploader: the server's maxUploadSize is the larger checkpoint limit (ui.state).
 MAX_UPLOAD_MB = ImageLimits().max_bytes // 2**20
 
 # Xu et al. 2015, "Show, Attend and Tell", Table 1 (Flickr8K).
@@ -61,7 +62,7 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
     try:
         if source == "Upload":
             upload = st.file_uploader("Upload an image", type=list(SUPPORTED_EXTENSIONS), key=f"{prefix}_upload",
-                                      help=upload_help())
+                                      help=upload_help(), max_upload_size=MAX_UPLOAD_MB)
             return ImageInput.from_upload(upload) if upload is not None else None
         if source == "Flickr8K dev":
             dataset, error = state.get_dataset()
