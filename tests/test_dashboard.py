@@ -268,3 +268,27 @@ def test_upload_limits_checkpoints_200_mb_images_20_mb(env):
     at.run()
     single = [u for u in at.get("file_uploader") if u.label == "Upload an image"][0]
     assert single.proto.max_upload_size_mb == 20
+
+
+def test_flickr_browser_payload_is_bounded_for_a_crowded_captions_file(env, tiny_flickr, tmp_path, monkeypatch):
+    """A token file with 166k captions per image hung the browser tab (every reference in every cell)."""
+    import shutil
+
+    from core.corpus import MAX_REFERENCE_CHARS, TABLE_REFERENCES
+    shutil.copytree(tiny_flickr / "images", tmp_path / "images")
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    lines = [f"{n}#{k}\ta {n.split('_')[1]} shape [link](http://x) number {k}" for n in names for k in range(1500)]
+    (tmp_path / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("FLICKR8K_DIR", str(tmp_path))
+    at = start("browser")
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("more than 20 references" in w.value for w in at.sidebar.warning)
+    cells = at.dataframe[0].value["references_text"]
+    assert cells.str.len().max() <= TABLE_REFERENCES * (MAX_REFERENCE_CHARS + 3) + 40
+    assert cells.str.endswith("… and 1,495 more").all()
+    references = [m.value for m in at.markdown if m.value.startswith("**References:**")]
+    assert references[0].count("\n") == 20 and "\\[link\\]\\(http\\://x\\)" in references[0]   # shown literally
+    widget(at.number_input, "References page (of 75; 1,500 references)").set_value(75).run()
+    assert not at.exception
+    last = [m.value for m in at.markdown if m.value.startswith("**References:**")][0]
+    assert last.split("\n")[1].startswith("1481. ") and last.count("\n") == 20

@@ -24,7 +24,7 @@ from core.checkpoint import (DEFAULT_CHECKPOINT_DIR, DEFAULT_CHECKPOINT_NAME, SU
 from core.data import CaptionDataset, find_data_dir_from_env, load_dataset
 from core.decoding import DecodingConfig
 from core.errors import CaptionScopeError, CheckpointError
-from core.io_utils import atomic_write_bytes, sha256_bytes
+from core.io_utils import atomic_write_bytes, printable_name, sha256_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO / "assets" / "examples"
@@ -432,3 +432,5 @@ def render_sidebar() -> None:
         else:
             sizes = ", ".join(f"{name} {len(items):,}" for name, items in dataset.splits.items())
             sidebar.caption(f"{dataset.source_format} format · {sizes}")
+            for warning in dataset.warnings:     # e.g. 166k references per image: far from a sane dataset
+                sidebar.warning(printable_name(warning, 400))
