@@ -312,7 +312,7 @@ def unusual_captions(items: list[ImageCaptions]) -> list[str]:
     if crowded:
         warnings.append(f"{len(crowded)} images have more than {USUAL_MAX_REFERENCES} references (usual: 5; most: "
                         f"{len(crowded[0].captions):,} for {crowded[0].image}); tables show the first few")
-    long = [it.image for it in items if any(len(c) > USUAL_MAX_CAPTION_CHARS for c in it.captions)]
+    long = [it.image for it in items if max(map(len, it.captions), default=0) > USUAL_MAX_CAPTION_CHARS]
     if long:
         warnings.append(f"{len(long)} images have captions over {USUAL_MAX_CAPTION_CHARS} characters "
                         f"(first: {_first_few(long)}); pages show them cut")
