@@ -308,4 +308,5 @@ def test_a_token_file_with_far_too_many_references_loads_with_a_warning(tmp_path
 
 
 def test_an_ordinary_dataset_gets_no_reference_warnings(tiny_flickr):
-    assert load_dataset(tiny_flickr).warnings == []
+    warnings = load_dataset(tiny_flickr).warnings          # (its train and dev lists overlap on purpose)
+    assert not [w for w in warnings if "references" in w or "characters" in w], warnings
