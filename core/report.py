@@ -28,7 +28,8 @@ from core import analysis
 from core.captioner import CaptionFailure, CaptionResult
 from core.decoding import DecodingConfig
 from core.errors import CaptionScopeError, DataError, cli_main
-from core.io_utils import atomic_write_text
+from core.images import fit_for_display
+from core.io_utils import atomic_write_text, printable_name
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
@@ -71,7 +72,7 @@ class ReportEntry:
 
 
 def _jpeg_uri(image: Image.Image, side: int, quality: int) -> str:
-    image = image.convert("RGB")
+    image = fit_for_display(image.convert("RGB"))        # bounded size and shape (extreme strips letterboxed)
     if max(image.size) > side:
         image = image.copy()
         image.thumbnail((side, side), Image.LANCZOS)
@@ -86,9 +87,7 @@ def _tokens(result: CaptionResult) -> list[str]:
 
 
 def _strip(result: CaptionResult, grid: int, config: ReportConfig) -> str:
-    image = result.image.convert("RGB")
-    small = image.copy()
-    small.thumbnail((config.strip_side, config.strip_side), Image.LANCZOS)
+    small = fit_for_display(result.image.convert("RGB"), config.strip_side)
     attention = result.hypotheses[0].attention
     figures = []
     for t, word in enumerate(_tokens(result)[: min(config.max_words, len(attention))]):
@@ -121,7 +120,7 @@ def _flickr(entry: ReportEntry) -> str:
 
 
 def _section(entry: ReportEntry, grid: int, config: ReportConfig) -> str:
-    name = html.escape(entry.name)
+    name = html.escape(printable_name(entry.name))
     if isinstance(entry.result, CaptionFailure):
         return f'<section><h2>{name}</h2><p class="error">{html.escape(entry.result.error)}</p></section>'
     result = entry.result

@@ -9,9 +9,9 @@ import streamlit as st
 from PIL import Image
 
 from core import analysis
+from core.images import fit_for_display
 
 SECONDS_PER_WORD = 1.2
-FRAME_SIDE = 1100        # long side of the big image (bounded: a projector needs no more)
 
 # large type, no sidebar / header / toolbar: only the picture, the caption and the controls
 PROJECTOR_CSS = """<style>
@@ -40,10 +40,7 @@ def caption_html(tokens: list[str], t: int) -> str:
 @st.cache_data(max_entries=256, show_spinner=False)
 def word_frame(checkpoint_id: str, content_key: str, decoding: dict, t: int, _image: Image.Image,
                _attention: np.ndarray, _grid: int) -> Image.Image:
-    """The image (long side <= FRAME_SIDE) with word t's attention over it."""
-    image = _image.convert("RGB")
-    if max(image.size) > FRAME_SIDE:
-        image = image.copy()
-        image.thumbnail((FRAME_SIDE, FRAME_SIDE), Image.LANCZOS)
+    """The image (core.images.fit_for_display) with word t's attention over it."""
+    image = fit_for_display(_image.convert("RGB"))       # bounded: <= 1024 px a side, extreme shapes letterboxed
     heat = analysis.upsample_attention(_attention[t], _grid, image.size)
     return analysis.overlay_heatmap(image, heat, opacity=0.45)

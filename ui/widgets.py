@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -14,11 +15,14 @@ from PIL import Image, ImageOps
 from core import showcase
 from core.errors import CaptionScopeError
 from core.images import SUPPORTED_EXTENSIONS, ImageLimits
+from core.io_utils import printable_name
 from core.metrics import METRIC_NAMES
 from ui import links, state
 from ui.cache import Decoded, ImageInput
 
+# Asked of every image uploader: the server's maxUploadSize is the larger checkpoint limit (ui.state).
 MAX_UPLOAD_MB = ImageLimits().max_bytes // 2**20
+MAX_PICKER_OPTIONS = 5000     # a selectbox sends every option to the browser: the first n of a huge split
 
 # Xu et al. 2015, "Show, Attend and Tell", Table 1 (Flickr8K).
 PAPER_FLICKR8K = {
@@ -108,8 +112,9 @@ def showcase_label(name: str) -> str:
     shown = current_showcase()
     tag = shown.label(name) if shown is not None else None
     if tag is None:
-        return name
-    return f"{'★' if tag.startswith('best') else '✗'} {tag} · {name} (CIDEr-D {shown.scores[name] * 100:.0f})"
+        return printable_name(name)
+    return (f"{'★' if tag.startswith('best') else '✗'} {tag} · {printable_name(name)} "
+            f"(CIDEr-D {shown.scores[name] * 100:.0f})")
 
 
 def request_flickr_image(prefix: str, name: str) -> None:
@@ -147,7 +152,8 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
         if source == "Upload":
             links.set_image("upload", None)
             upload = st.file_uploader("Upload an image", type=list(SUPPORTED_EXTENSIONS), key=f"{prefix}_upload",
-                                      help=upload_help() + " · uploads cannot be put in a link")
+                                      help=upload_help() + " · uploads cannot be put in a link",
+                                      max_upload_size=MAX_UPLOAD_MB)
             return ImageInput.from_upload(upload) if upload is not None else None
         if source == "Flickr8K dev":
             dataset, error = state.get_dataset()
@@ -155,7 +161,7 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
                 st.info(error)
                 return None
             split = "dev" if "dev" in dataset.splits else next(iter(dataset.splits))
-            names = showcase_first([it.image for it in dataset.splits[split]])
+            names = showcase_first([it.image for it in dataset.splits[split]])[:MAX_PICKER_OPTIONS]   # all sent
             if not names:
                 st.info(f"The {split} split is empty.")
                 return None
@@ -181,6 +187,15 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
     except CaptionScopeError as e:
         st.error(str(e))
         return None
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$])")
+
+
+def escape_markdown(text: str) -> str:
+    """Text from a file or a model, shown literally inside st.markdown: no links, images, HTML, LaTeX or
+    Streamlit directives (":red[...]", ":material/...:") made from it."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def nbest_frame(decoded: Decoded) -> pd.DataFrame:
