@@ -195,6 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=0.0)
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--no-repeat-ngram", type=int, default=0)
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (its JVM takes ~5-12 s to start)")
     p.add_argument("--title", default="CaptionScope report")
     return p
 
@@ -225,12 +226,13 @@ def main(argv: list[str] | None = None) -> int:
                               no_repeat_ngram_size=args.no_repeat_ngram)
     decoding.validate()
     items = _dataset_items(args.data, args.split, args.names) if args.names else []
-    if items:
+    if items and not args.no_meteor:
         from core.metrics import prestart_meteor
         prestart_meteor()          # the METEOR JVM loads its tables while the images are captioned
     captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
                                           encoder_weights=args.encoder_weights)
-    entries, notes = flickr_entries(captioner, items, decoding) if items else ([], [])
+    entries, notes = (flickr_entries(captioner, items, decoding, with_meteor=not args.no_meteor) if items
+                      else ([], []))
     if args.images:
         results = captioner.caption_many(args.images, decoding, names=[Path(p).name for p in args.images])
         entries += [ReportEntry(r.name, r, "file") for r in results]

@@ -73,7 +73,7 @@ def test_cli_files_and_dataset_names(tiny_checkpoint, tiny_flickr, report_files,
     names = [it.image for it in load_dataset(tiny_flickr).split("dev")[:2]]
     out = tmp_path / "report.html"
     done = run_cli("core.report", str(hostile), "--data", str(tiny_flickr), "--split", "dev", "--images", *names,
-                   "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--beam", "2")
+                   "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--beam", "2", "--no-meteor")
     assert done.returncode == 0, done.stderr
     text = out.read_text()
     assert all(n in text for n in names) and "&lt;img src=x" in text and "<img src=x" not in text
@@ -94,7 +94,7 @@ def test_report_opens_offline_with_every_image_loaded(tiny_checkpoint, tiny_flic
     out = tmp_path / "report.html"
     names = [it.image for it in load_dataset(tiny_flickr).split("dev")[:2]]
     done = run_cli("core.report", str(hostile), "--data", str(tiny_flickr), "--images", *names,
-                   "--out", str(out), "--checkpoint", str(tiny_checkpoint))
+                   "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--no-meteor")
     assert done.returncode == 0, done.stderr
     with chromium() as browser:
         context = browser.new_context(offline=True)
