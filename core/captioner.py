@@ -122,7 +122,7 @@ class Captioner:
     # -- captions ----------------------------------------------------------------------------------
     def decode(self, features: torch.Tensor, decoding: DecodingConfig) -> list[list[Hypothesis]]:
         """Decode a (B, L, C) batch of features."""
-        return generate(self.model, features.to(self.device).float(), decoding, unk_id=self.vocab.unk_id)
+        return generate(self.model, features.to(self.device).float(), decoding)
 
     def words(self, hyp: Hypothesis) -> list[str]:
         return self.vocab.decode_tokens(hyp.token_ids)
@@ -130,7 +130,6 @@ class Captioner:
     def caption(self, source: ImageSource, decoding: DecodingConfig, *, name: str | None = None,
                 limits: ImageLimits = ImageLimits()) -> CaptionResult:
         """Caption one image (path, bytes or an uploaded file); raises ImageError on a bad image."""
-        decoding.validate()
         t0 = time.perf_counter()
         feats, image, cached, _ = self.features(source, name=name, limits=limits)
         t1 = time.perf_counter()

@@ -312,16 +312,7 @@ def _model_config(path: Path, d: dict) -> ModelConfig:
     try:
         config = ModelConfig.from_dict(d)
     except CaptionScopeError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    for name in ("vocab_size", "encoder_dim", "num_regions", "embed_dim", "attention_dim", "decoder_dim"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CheckpointError(f"{path}: model_config.{name} must be a positive integer, got {value!r}")
-    if isinstance(config.dropout, bool) or not isinstance(config.dropout, (int, float)) \
-            or not 0 <= config.dropout < 1:
-        raise CheckpointError(f"{path}: model_config.dropout must be in [0, 1), got {config.dropout!r}")
-    if not isinstance(config.deep_output, bool):
-        raise CheckpointError(f"{path}: model_config.deep_output must be true or false")
+        raise CheckpointError(f"{path}: {e}") from None     # ModelConfig validates its own values
     return config
 
 

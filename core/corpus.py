@@ -52,7 +52,6 @@ def compare_beams(captioner, features: torch.Tensor, widths: Sequence[int], base
     rows = []
     for width in widths:
         config = dataclasses.replace(base, beam_size=int(width), num_return_sequences=1, do_sample=False)
-        config.validate()
         t0 = time.perf_counter()
         hyp = captioner.decode(features, config)[0][0]
         ms = (time.perf_counter() - t0) * 1e3
@@ -178,7 +177,6 @@ def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingC
     after a crash resumes. `progress(done, total)` is called after every batch. If `info` is a dict it is
     filled with decode_s (compute time, or the cached run's), source and from_cache.
     """
-    decoding.validate()
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     names = [it.image for it in items]

@@ -38,7 +38,7 @@ def decode_store(model: ShowAttendTell, vocab: Vocabulary, store: FeatureStore, 
     for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="decoding", unit="batch"):
         names = list(images[start:start + batch_size])
         feats = store.get(np.asarray([row[n] for n in names])).to(device)
-        for name, nbest in zip(names, generate(model, feats, decoding, unk_id=vocab.unk_id)):
+        for name, nbest in zip(names, generate(model, feats, decoding)):
             captions[name] = vocab.decode(nbest[0].token_ids)
     return captions
 
@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     for beam in args.beam:
         decoding = DecodingConfig(beam_size=beam, length_penalty=args.length_penalty,
                                   max_length=args.max_length, no_repeat_ngram_size=args.no_repeat_ngram)
-        decoding.validate()
         predictions, scores, summary = evaluate_beam(captioner, items, decoding,
                                                      features_dir=args.features, split=args.split)
         out = Path(args.out) if len(args.beam) == 1 else Path(args.out) / f"beam{beam}"

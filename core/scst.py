@@ -28,7 +28,7 @@ import math
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
 from core.checkpoint import load_checkpoint, save_checkpoint
+from core.cli import add_config_arguments
 from core.data import load_dataset
 from core.decoding import DecodingConfig, greedy
 from core.errors import ConfigError, cli_main
@@ -46,7 +47,7 @@ from core.features import open_features
 from core.io_utils import atomic_write_text
 from core.metrics import simple_tokenize
 from core.model import ShowAttendTell
-from core.text import Vocabulary
+from core.text import END_ID, NEVER_GENERATED_IDS, PAD_ID, START_ID, Vocabulary
 from core.train_state import load_train_state, save_train_state
 
 
@@ -98,24 +99,23 @@ class CiderDReward:
 # -- sampling with gradients -------------------------------------------------------------------------------
 
 def sample_captions(model: ShowAttendTell, features: torch.Tensor, max_length: int, *, generator: torch.Generator,
-                    banned_ids: Sequence[int], start_id: int = 1, end_id: int = 2,
-                    pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial samples (R, T) (pad after <end>) and the summed log-prob of each (R,), with autograd."""
     R = features.shape[0]
     state = model.init_state(features)
-    tokens = torch.full((R,), start_id, dtype=torch.long)
+    tokens = torch.full((R,), START_ID, dtype=torch.long)
     done = torch.zeros(R, dtype=torch.bool)
     banned = torch.zeros(model.config.vocab_size, dtype=torch.bool)
-    banned[list(banned_ids)] = True
+    banned[list(NEVER_GENERATED_IDS)] = True
     total, emitted = features.new_zeros(R, dtype=torch.float32), []
     for _ in range(max_length):
         logits, _, _, state = model.step(tokens, state)
         logp = F.log_softmax(logits.float().masked_fill(banned, float("-inf")), dim=1)
         drawn = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
-        drawn = torch.where(done, torch.full_like(drawn, end_id), drawn)   # finished rows: ignored below
+        drawn = torch.where(done, torch.full_like(drawn, END_ID), drawn)   # finished rows: ignored below
         total = total + torch.where(done, 0.0, logp.gather(1, drawn[:, None]).squeeze(1))
-        emitted.append(torch.where(done, pad_id, drawn))
-        done = done | (drawn == end_id)
+        emitted.append(torch.where(done, PAD_ID, drawn))
+        done = done | (drawn == END_ID)
         tokens = drawn
         if bool(done.all()):
             break
@@ -144,17 +144,28 @@ class ScstConfig:
     seed: int = 0
     threads: int = 0
 
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+        if self.baseline not in ("greedy", "mean"):
+            raise ConfigError(f"--baseline must be greedy or mean, got {self.baseline!r}")
+        if min(self.batch_size, self.samples, self.epochs, self.max_length) < 1 \
+                or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError("--batch-size, --samples, --epochs and --max-length must be >= 1 and --lr > 0")
+        if min(self.max_steps, self.eval_every_steps, self.eval_limit) < 0:
+            raise ConfigError("--max-steps, --eval-every-steps and --eval-limit must be >= 0")
+
 
 def scst_step(model: ShowAttendTell, optimizer: torch.optim.Optimizer, reward: CiderDReward, vocab: Vocabulary,
               feats: torch.Tensor, images: list[str], cfg: ScstConfig, generator: torch.Generator) -> dict:
     """One policy-gradient update on a batch of images; returns loss and mean rewards."""
     k = cfg.samples
-    greedy_hyps = greedy(model, feats, DecodingConfig(beam_size=1, max_length=cfg.max_length), unk_id=vocab.unk_id)
+    greedy_hyps = greedy(model, feats, DecodingConfig(beam_size=1, max_length=cfg.max_length))
     greedy_caps = [vocab.decode(h[0].token_ids) for h in greedy_hyps]
     model.train(cfg.keep_dropout)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         tokens, logprob = sample_captions(model, feats.repeat_interleave(k, dim=0), cfg.max_length,
-                                          generator=generator, banned_ids=[0, 1, vocab.unk_id])
+                                          generator=generator)
     sampled_caps = [vocab.decode(row) for row in tokens.tolist()]
     rows = [im for im in images for _ in range(k)]
     scores = reward(sampled_caps + greedy_caps, rows + list(images))
@@ -292,25 +303,11 @@ def train_scst(cfg: ScstConfig, resume: bool = False) -> Path:
 
 def parse_args(argv: list[str] | None) -> tuple[ScstConfig, bool]:
     parser = argparse.ArgumentParser(prog="python -m core.scst", description=__doc__.split("\n\n")[0])
-    for f in fields(ScstConfig):
-        name = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
-            parser.add_argument(name, action="store_true")
-        else:
-            parser.add_argument(name, type=type(f.default), default=f.default, required=f.name in ("init", "data"))
+    add_config_arguments(parser, ScstConfig, required=["init", "data"])
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
-    cfg = ScstConfig(**args)
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
-    if cfg.baseline not in ("greedy", "mean"):
-        raise ConfigError(f"--baseline must be greedy or mean, got {cfg.baseline!r}")
-    if min(cfg.batch_size, cfg.samples, cfg.epochs, cfg.max_length) < 1 or not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise ConfigError("--batch-size, --samples, --epochs and --max-length must be >= 1 and --lr > 0")
-    if min(cfg.max_steps, cfg.eval_every_steps, cfg.eval_limit) < 0:
-        raise ConfigError("--max-steps, --eval-every-steps and --eval-limit must be >= 0")
-    return cfg, resume
+    return ScstConfig(**args), resume       # validates itself
 
 
 @cli_main

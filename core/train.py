@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
+from core.cli import add_config_arguments
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
 from core.encoders import ENCODERS, build_encoder
@@ -78,6 +79,14 @@ class TrainConfig:
     fine_tune_blocks: int = 0       # > 0: also train the encoder's last N blocks, from the images (slow on CPU)
     encoder_weights: str = "imagenet"   # the encoder to fine-tune: imagenet | none | PATH
     encoder_lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"unknown encoder {self.encoder!r}; choose one of: {', '.join(ENCODERS)}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+        if self.batch_size < 1 or self.epochs < 1 or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError("batch size and epochs must be >= 1 and the learning rate > 0")
 
 
 def build_vocab(items: list[ImageCaptions], min_count: int) -> Vocabulary:
@@ -299,24 +308,12 @@ def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: boo
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
     parser = argparse.ArgumentParser(prog="python -m core.train", description=__doc__.split("\n\n")[0])
-    for f in fields(TrainConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            required=f.name == "data")
-    for f in fields(ModelConfig):
-        if f.name in ("vocab_size", "encoder_dim", "num_regions"):
-            continue
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(f.default, bool) else type(f.default)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    train_fields = add_config_arguments(parser, TrainConfig, required=["data"])
+    add_config_arguments(parser, ModelConfig, skip=["vocab_size", "encoder_dim", "num_regions"])
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
-    cfg = TrainConfig(**{f.name: args.pop(f.name) for f in fields(TrainConfig)})
-    if cfg.encoder not in ENCODERS:
-        raise ConfigError(f"unknown encoder {cfg.encoder!r}; choose one of: {', '.join(ENCODERS)}")
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
-    if cfg.batch_size < 1 or cfg.epochs < 1 or not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise ConfigError("batch size and epochs must be >= 1 and the learning rate > 0")
+    cfg = TrainConfig(**{name: args.pop(name) for name in train_fields})   # validates itself
     return cfg, args, resume
 
 

@@ -25,7 +25,7 @@ ngram = c3.number_input("No-repeat n-gram", 0, 4, int(sidebar_decoding.no_repeat
                         key=f"beam_ngram_{sidebar_decoding.no_repeat_ngram_size}")
 base = dataclasses.replace(sidebar_decoding, length_penalty=float(lp), no_repeat_ngram_size=int(ngram),
                            do_sample=False, num_return_sequences=1)
-if sidebar_decoding.do_sample:
+if sidebar_decoding.mode == "sample":
     st.caption("The sidebar is set to sampling; this page always uses beam search.")
 
 st.subheader("One image")

@@ -25,7 +25,7 @@ st.title("Flickr8K browser")
 captioner = state.require_captioner()
 dataset, split, items = state.require_dev_split()
 decoding = state.decoding()
-if not decoding.do_sample:
+if decoding.mode != "sample":
     decoding = dataclasses.replace(decoding, num_return_sequences=1)   # same cache entries as the sweep
 
 try:

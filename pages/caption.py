@@ -13,10 +13,7 @@ state.page_setup()
 st.title("Caption")
 captioner = state.require_captioner()
 decoding = state.decoding()
-mode = (f"sampling {decoding.num_return_sequences} (T={decoding.temperature:g}, top-k={decoding.top_k}, "
-        f"seed {decoding.seed})" if decoding.do_sample else
-        "greedy search" if decoding.beam_size == 1 else f"beam search, width {decoding.beam_size}")
-st.caption(f"Decoding: {mode} · length penalty {decoding.length_penalty:g} · max length {decoding.max_length}"
+st.caption(f"Decoding: {decoding.describe()} · length penalty {decoding.length_penalty:g} · max length {decoding.max_length}"
            f"{f' · no-repeat {decoding.no_repeat_ngram_size}-grams' if decoding.no_repeat_ngram_size else ''}"
            " (change in the sidebar)")
 

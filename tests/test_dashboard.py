@@ -114,13 +114,13 @@ def test_caption_bad_upload_keeps_the_others(env):
 
 
 def test_attention_words_grid_and_occlusion(env):
-    from core.analysis import END_TOKEN
+    from core.text import END
     from core.captioner import Captioner
     at = start("attention")
     decoding = at.session_state["decoding"]
     expected = Captioner.from_checkpoint(env / "captionscope-lite2.safetensors").caption(EXAMPLE, decoding)
     hyp = expected.hypotheses[0]
-    tokens = expected.words[0] + ([END_TOKEN] if hyp.finished else [])
+    tokens = expected.words[0] + ([END] if hyp.finished else [])
     words = widget(at.pills, "Word")
     assert len(words.options) == len(tokens) == hyp.attention.shape[0]
     assert [o.replace("\u200b", "") for o in words.options] == tokens

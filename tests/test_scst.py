@@ -64,8 +64,7 @@ def test_samples_stop_at_end_and_logprobs_carry_gradients(tiny_checkpoint, tiny_
     ckpt = load_checkpoint(tiny_checkpoint)
     feats = open_features(tiny_features, "efficientnet_lite2", "train").get(np.arange(4))
     gen = torch.Generator().manual_seed(0)
-    tokens, logprob = sample_captions(ckpt.model, feats.repeat_interleave(3, 0), 12, generator=gen,
-                                      banned_ids=[0, 1, 3])
+    tokens, logprob = sample_captions(ckpt.model, feats.repeat_interleave(3, 0), 12, generator=gen)
     assert logprob.requires_grad and logprob.shape == (12,) and bool((logprob <= 0).all())
     for row in tokens.tolist():
         if 2 in row:                                 # after <end>: only padding

@@ -23,6 +23,7 @@ from core.captioner import Captioner
 from core.data import ImageCaptions
 from core.decoding import DecodingConfig, Hypothesis
 from core.images import ImageLimits, content_hash, read_source_bytes
+from core.text import END
 from core.metrics import java_available
 from ui.state import cache_dir, features_dir
 
@@ -67,7 +68,7 @@ class Decoded:
     def tokens(self, index: int) -> list[str]:
         """Words of hypothesis `index` plus <end> when it finished: one per attention row."""
         hyp = self.hypotheses[index]
-        return self.words[index] + ([analysis.END_TOKEN] if hyp.finished else [])
+        return self.words[index] + ([END] if hyp.finished else [])
 
 
 @st.cache_data(max_entries=512, show_spinner="Captioning…")

@@ -220,7 +220,6 @@ def _decoding_from_widgets() -> DecodingConfig:
         # the n-best list is the whole beam; sampling draws `samples` captions
         num_return_sequences=int(s[_SAMPLES_KEY]) if sampling else beam,
         seed=int(s[_DECODING_KEYS["seed"]]))
-    config.validate()
     return config
 
 
