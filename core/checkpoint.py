@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -410,6 +412,31 @@ def resolve_checkpoint(name_or_path: str | Path, folder: str | Path | None = Non
     if not candidate.is_file():
         raise CheckpointError(f"checkpoint not found: {candidate}")
     return candidate
+
+
+def save_uploaded_checkpoint(folder: str | Path, name: str, data: bytes) -> Path:
+    """Validate uploaded checkpoint bytes and keep them in `folder` under a safe version of `name`.
+
+    The bytes go to a hidden temporary name first (never listed) and are fully loaded (header, shapes,
+    hashes); only a checkpoint that loads is renamed into the folder, so a bad upload never reaches the
+    picker. Raises CheckpointError with the loader's one-line message, naming the upload, not the temp file.
+    """
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "checkpoint"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = sha256_bytes(data)
+    temp = folder / f".upload-{digest[:16]}{SUFFIX}"
+    atomic_write_bytes(temp, data)
+    try:
+        load_checkpoint(temp)
+    except CaptionScopeError as e:
+        temp.unlink(missing_ok=True)
+        raise CheckpointError(str(e).replace(str(temp), name).splitlines()[0]) from None
+    target = folder / f"{stem}{SUFFIX}"
+    if target.exists() and sha256_bytes(target.read_bytes()) != digest:
+        target = folder / f"{stem}-{digest[:8]}{SUFFIX}"
+    os.replace(temp, target)
+    return target
 
 
 def default_checkpoint_path(*, must_exist: bool = True) -> Path:

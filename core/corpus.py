@@ -64,8 +64,9 @@ def compare_beams(captioner, features: torch.Tensor, widths: Sequence[int], base
 # -- on-disk cache --------------------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else REPO_ROOT / ".cache" / "captionscope"
+    """$CAPTIONSCOPE_CACHE_DIR, else the repo's .cache/captionscope/ (the CLIs and the dashboard share it)."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    return Path(value).expanduser() if value else REPO_ROOT / ".cache" / "captionscope"
 
 
 def images_hash(images: Sequence[str]) -> str:

@@ -8,11 +8,11 @@ import streamlit as st
 
 from core import analysis
 from core.errors import CaptionScopeError
-from ui import cache, state, widgets
+from ui import cache, sidebar, state, widgets
 
 COLORMAPS = ["jet", "viridis", "magma", "inferno", "plasma", "turbo", "gray"]
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Attention")
 captioner = state.require_captioner()
 decoding = state.decoding()

@@ -5,11 +5,11 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import CaptionScopeError
-from ui import cache, state, widgets
+from ui import cache, sidebar, state, widgets
 
 WIDTHS = list(range(1, 11))
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Beam comparison")
 captioner = state.require_captioner()
 sidebar_decoding = state.decoding()
@@ -57,8 +57,8 @@ dataset, error = state.get_dataset()
 if dataset is None:
     st.info(error)
     st.stop()
-split = "dev" if "dev" in dataset.splits else next(iter(dataset.splits))
-items = dataset.splits[split]
+split = dataset.browse_split
+items = dataset.splits[split] if split else []
 if not items or not widths:
     st.info(f"The {split} split is empty." if not items else "Pick at least one beam width.")
     st.stop()

@@ -7,7 +7,7 @@ import streamlit as st
 from core import corpus
 from core.errors import CaptionScopeError
 from core.metrics import METRIC_NAMES
-from ui import cache, state, widgets
+from ui import cache, sidebar, state, widgets
 from ui.cache import ImageInput
 
 SORTS = {
@@ -20,7 +20,7 @@ SORTS = {
 WHERE = {"references and caption": "both", "references": "references", "caption": "caption"}
 P = state.PERSIST
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Flickr8K browser")
 captioner = state.require_captioner()
 dataset, split, items = state.require_dev_split()

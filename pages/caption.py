@@ -6,10 +6,10 @@ import streamlit as st
 
 from core.errors import CaptionScopeError
 from core.images import SUPPORTED_EXTENSIONS
-from ui import cache, state, widgets
+from ui import cache, settings, sidebar, state, widgets
 from ui.cache import ImageInput
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Caption")
 captioner = state.require_captioner()
 decoding = state.decoding()
@@ -22,7 +22,7 @@ with left:
     uploads = st.file_uploader("Upload photos", type=list(SUPPORTED_EXTENSIONS), accept_multiple_files=True,
                                key="caption_uploads", help=widgets.upload_help())
 with right:
-    examples = state.example_images()
+    examples = settings.example_images()
     key = f"{state.PERSIST}caption_examples"
     requested = st.session_state.pop("requested_example", None)
     if requested in examples:

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui import state, widgets
+from ui import settings, sidebar, state, widgets
 
-state.page_setup()
+sidebar.page_setup()
 st.title("CaptionScope")
 st.markdown("Inspect a **Show, Attend and Tell** image captioner: what it says, where it looks while saying "
             "each word, and how decoding settings change the result.")
@@ -37,7 +37,7 @@ else:
                                           "details on the Model card page"] if x))
 
 st.subheader("Try an example")
-examples = state.example_images()
+examples = settings.example_images()
 if not examples:
     st.info("No example photos in assets/examples/.")
 else:

@@ -5,10 +5,10 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import CaptionScopeError
-from core.model_card import eval_path, find_training_log, metric_rows, read_eval_card, read_training_log
-from ui import state, widgets
+from core.model_card import PAPER_FLICKR8K, eval_path, find_training_log, metric_rows, read_eval_card, read_training_log
+from ui import sidebar, state, widgets
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Model card")
 path = state.selected_checkpoint_path()
 if path is None:
@@ -85,7 +85,7 @@ card = read_eval_card(path)
 for row in metric_rows(card, include_paper=False):
     rows.append({"model": row.pop("model"), **widgets.metric_row(
         {k: v for k, v in row.items() if k not in ("mean_length", "vocabulary_used")}, scale=1.0)})
-for name, values in widgets.PAPER_FLICKR8K.items():
+for name, values in PAPER_FLICKR8K.items():
     rows.append({"model": name, **widgets.metric_row(values, scale=1.0)})
 st.table(widgets.metric_table(rows))
 st.caption("Paper: Xu et al. 2015, *Show, Attend and Tell*, Table 1, Flickr8K test split (Oxford VGG encoder, "

@@ -195,7 +195,7 @@ def test_bad_upload_shows_error_in_place(server, browser, expected, photo):
 
 
 def test_deep_link_as_first_request_of_a_fresh_server(expected, tiny_flickr, tmp_path_factory, browser):
-    """A `pages/` folder starts a server in Streamlit's legacy folder mode: without ui.state's fix the first
+    """A `pages/` folder starts a server in Streamlit's legacy folder mode: without ui.sidebar's fix the first
     request, if a deep link, got a sidebar of file names ('attention', 'beams', 'dashboard' ...)."""
     env = {"CAPTIONSCOPE_CHECKPOINT_DIR": str(expected[0]), "FLICKR8K_DIR": str(tiny_flickr),
            "CAPTIONSCOPE_FEATURES_DIR": str(tmp_path_factory.mktemp("no_features_deep"))}

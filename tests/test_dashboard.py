@@ -4,7 +4,7 @@ Uses the bundled checkpoint when it is there (else the tiny trained one from con
 temporary checkpoint folder together with its training log, a made-up `.eval.json` and a README, so the
 model card has everything to show. FLICKR8K_DIR points at the 8-image `tiny_flickr` fixture and every
 cache goes to tmp. Page switching: `pages/` makes AppTest run each page file on its own, which is why
-every page draws the shared sidebar itself (ui.state.page_setup).
+every page draws the shared sidebar itself (ui.sidebar.page_setup).
 """
 from __future__ import annotations
 

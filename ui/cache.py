@@ -25,7 +25,7 @@ from core.decoding import DecodingConfig, Hypothesis
 from core.images import ImageLimits, content_hash, read_source_bytes
 from core.text import END
 from core.metrics import java_available
-from ui.state import cache_dir, features_dir
+from ui.settings import cache_dir, features_dir
 
 
 @dataclass(frozen=True)
