@@ -1,6 +1,6 @@
 """Bench 1 — corpus decoding: N dev images at beam K from cached features.
 
-Fast: `core.evaluate.decode_store` (batched over images AND beams, one `model.step` per time step).
+Fast: `core.decoding.generate` (batched over images AND beams, one `model.step` per time step).
 Baseline: `core.beam_search.reference_beam_search`, the plain search, one image and one beam at a time. Both must give identical captions.
 """
 from __future__ import annotations

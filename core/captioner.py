@@ -23,13 +23,14 @@ from core.errors import CaptionScopeError
 from core.io_utils import sha256_file
 from core.images import ImageLimits, content_hash, load_image, read_source_bytes
 from core.model import ShowAttendTell
-from core.text import Vocabulary
+from core.text import END, Vocabulary
 
 ImageSource = str | Path | bytes | BinaryIO
 
 
 @dataclass
 class CaptionResult:
+    """One image's captions, as the CLIs print them and the dashboard shows (and caches: it pickles)."""
     name: str
     hypotheses: list[Hypothesis]            # n-best, best first
     words: list[list[str]]                  # words of each hypothesis
@@ -41,6 +42,10 @@ class CaptionResult:
     @property
     def caption(self) -> str:
         return " ".join(self.words[0]) if self.words else ""
+
+    def tokens(self, index: int) -> list[str]:
+        """Words of hypothesis `index` plus <end> when it finished: one per attention row."""
+        return self.words[index] + ([END] if self.hypotheses[index].finished else [])
 
 
 @dataclass

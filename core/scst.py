@@ -39,10 +39,10 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.cli import add_config_arguments
+from core.corpus import decode_store, score_split
 from core.data import load_dataset
 from core.decoding import DecodingConfig, greedy
 from core.errors import ConfigError, cli_main
-from core.evaluate import decode_store, score_predictions
 from core.features import open_features
 from core.io_utils import atomic_write_text
 from core.metrics import simple_tokenize
@@ -226,7 +226,7 @@ def train_scst(cfg: ScstConfig, resume: bool = False) -> Path:
     def evaluate() -> tuple[float, float, float]:
         t0 = time.time()
         predictions = decode_store(model, vocab, dev_store, [it.image for it in dev_eval], decoding)
-        scores = score_predictions(predictions, dev_eval, metrics=("BLEU-4", "CIDEr-D"), tokenizer="simple")
+        scores = score_split(predictions, dev_eval, metrics=("BLEU-4", "CIDEr-D"), tokenizer="simple")
         return scores.corpus["BLEU-4"], scores.corpus["CIDEr-D"], time.time() - t0
 
     def save(path: Path, dev: tuple[float, float], counters: dict, dtype: torch.dtype) -> None:

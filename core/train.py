@@ -40,12 +40,12 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
+from core.corpus import decode_store, score_split
 from core.cli import add_config_arguments
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
 from core.encoders import ENCODERS, build_encoder
 from core.errors import ConfigError, cli_main
-from core.evaluate import decode_store, score_predictions
 from core.features import FeatureStore, LiveFeatures, open_features
 from core.io_utils import atomic_write_text, remove_stale_temp_files
 from core.model import ModelConfig, ShowAttendTell, caption_loss
@@ -267,7 +267,7 @@ def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: boo
             predictions = decode_store(model, vocab, dev_store, [it.image for it in dev_eval], decoding,
                                        device=device)
             # the pure-python tokenizer gives PTB's tokens on all Flickr8K captions and needs no Java round trip
-            scores = score_predictions(predictions, dev_eval, metrics=("BLEU-4", "CIDEr-D"), tokenizer="simple")
+            scores = score_split(predictions, dev_eval, metrics=("BLEU-4", "CIDEr-D"), tokenizer="simple")
             bleu4, cider = scores.corpus["BLEU-4"], scores.corpus["CIDEr-D"]
         if world > 1:   # same scores everywhere -> same LR schedule and early stopping on every rank
             shared = torch.tensor([bleu4, cider], dtype=torch.float64, device=device)

@@ -37,7 +37,7 @@ if item is not None and widths:
     except CaptionScopeError as e:
         st.error(str(e))
     else:
-        rows = cache.beam_rows(captioner.checkpoint_id, item.key, tuple(widths), base.to_dict(), captioner, feats)
+        rows = cache.beam_rows(cache.CaptionKey.of(captioner, item, base), tuple(widths), captioner, feats)
         pic, table = st.columns([1, 3])
         pic.image(image, caption=item.name, width="stretch")
         frame = pd.DataFrame(rows, columns=["width", "caption", "logprob", "normalised", "length", "finished",

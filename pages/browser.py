@@ -100,7 +100,8 @@ name = st.selectbox("Image (or select a row above)", names, key=detail_key)
 entry = rows[rows["image"] == name].iloc[0]
 try:
     item = ImageInput.from_path(entry["path"], "flickr8k")
-    decoded, image = cache.caption(captioner, item, decoding)
+    decoded = cache.caption(captioner, item, decoding)
+    image = decoded.image
 except CaptionScopeError as e:
     st.error(str(e))
     st.stop()
@@ -115,6 +116,6 @@ st.markdown("**Attention of each word**")
 if decoded.caption != predictions[name]["caption"]:
     st.caption(f"Decoded from the image file: “{decoded.caption}” (the split run used the cached float16 "
                "features, which can tip a close decision).")
-grid_png = cache.attention_grid_png(captioner.checkpoint_id, item.key, decoding.to_dict(), 0, 0.5, "jet", True, 5,
-                                    image, decoded.words[0], decoded.hypotheses[0].attention, captioner.grid)
+grid_png = cache.attention_grid_png(cache.CaptionKey.of(captioner, item, decoding), 0, cache.HeatmapStyle(),
+                                    decoded, captioner.grid)
 st.image(grid_png, width="stretch")

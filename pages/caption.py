@@ -56,7 +56,8 @@ for label, item in inputs:
         st.error(item)
         continue
     try:
-        decoded, image = cache.caption(captioner, item, decoding)
+        decoded = cache.caption(captioner, item, decoding)
+        image = decoded.image
     except CaptionScopeError as e:
         st.error(str(e))
         continue

@@ -42,12 +42,11 @@ def test_dev_subset_scores_as_the_model_card_says(bundled):
     data_dir = os.environ.get("FLICKR8K_DIR")
     if not data_dir or not Path(data_dir).is_dir():
         pytest.skip("set FLICKR8K_DIR to a Flickr8K folder to run the 50-image regression check")
-    from core.corpus import caption_split
+    from core.corpus import caption_split, score_split
     from core.data import load_dataset
-    from core.evaluate import score_predictions
 
     card = json.loads(CARD.read_text())["dev_subset"]
     items = load_dataset(data_dir).split("dev")[: card["images"]]
-    predictions = caption_split(bundled, items, DecodingConfig(beam_size=card["beam"]), features_dir=None)
-    scores = score_predictions({k: v["caption"] for k, v in predictions.items()}, items, metrics=("BLEU-4",))
+    predictions = caption_split(bundled, items, DecodingConfig(beam_size=card["beam"]), features_dir=None).captions
+    scores = score_split(predictions, items, metrics=("BLEU-4",))
     assert abs(100 * scores.corpus["BLEU-4"] - 100 * card["BLEU-4"]) <= 0.5

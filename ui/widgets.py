@@ -15,7 +15,8 @@ from core.images import SUPPORTED_EXTENSIONS, ImageLimits
 from core.io_utils import mtime_ns  # noqa: F401  (the pages key thumbnails on it)
 from core.metrics import METRIC_NAMES
 from ui import settings, state
-from ui.cache import Decoded, ImageInput
+from core.captioner import CaptionResult
+from ui.cache import ImageInput
 
 MAX_UPLOAD_MB = ImageLimits().max_bytes // 2**20
 
@@ -84,7 +85,7 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
         return None
 
 
-def nbest_frame(decoded: Decoded) -> pd.DataFrame:
+def nbest_frame(decoded: CaptionResult) -> pd.DataFrame:
     rows = [{"rank": i + 1, "caption": " ".join(words), "log-prob": hyp.logprob,
              "normalised": hyp.logprob / max(hyp.length, 1), "score": hyp.score, "length": len(words),
              "finished": hyp.finished}
