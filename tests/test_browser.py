@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps
 
-from tests.browser import (
+from tests.browser_harness import (
     REPO,
     app_decoding,
     caption_rows,

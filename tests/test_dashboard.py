@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from browser import checkpoint_folder
+from browser_harness import checkpoint_folder
 from PIL import Image
 
 from streamlit.testing.v1 import AppTest
