@@ -21,11 +21,11 @@ def bundled():
 
 def test_metadata_matches_weights(bundled):
     meta = read_metadata(default_checkpoint_path())
-    cfg = meta["model_config"]
+    cfg = meta.model_config
     assert cfg["vocab_size"] == len(bundled.vocab) == bundled.model.embedding.num_embeddings
     assert cfg["encoder_dim"] == bundled.encoder.spec.feature_dim
-    assert meta["encoder"]["name"] == "efficientnet_lite2"
-    assert bundled.metadata["encoder_weights_match"], "encoder weights differ from those it was trained on"
+    assert meta.encoder["name"] == "efficientnet_lite2"
+    assert bundled.encoder_weights_match, "encoder weights differ from those it was trained on"
     assert default_checkpoint_path().stat().st_size < 50 * 2**20
 
 

@@ -106,22 +106,22 @@ def test_round_trip_float32_is_exact(tmp_path, vocab):
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
     assert torch.equal(step_logits(loaded.model), step_logits(model))
-    assert read_metadata(path)["dtype"] == "float32"
+    assert read_metadata(path).dtype == "float32"
 
 
 def test_metadata_round_trip(saved, vocab):
     path, model = saved
     meta = read_metadata(path)
-    assert meta["format"] == "captionscope-checkpoint" and meta["format_version"] == "1"
-    assert meta["dtype"] == "float16" and meta["created"].startswith("20")
-    assert meta["model_config"] == model.config.to_dict()
-    assert Vocabulary.from_dict(meta["vocab"]).itos == vocab.itos
-    assert meta["encoder"] == {**ENCODER, "fine_tuned": False}
-    assert meta["training"] == TRAINING and meta["decoding"] == DECODING
+    assert meta.format_version == "1" and meta.extra == {}
+    assert meta.dtype == "float16" and meta.created.startswith("20") and len(meta.tensors_sha256) == 64
+    assert meta.model_config == model.config.to_dict() and meta.vocab_size == len(vocab)
+    assert Vocabulary.from_dict(meta.vocab).itos == vocab.itos
+    assert meta.encoder == {**ENCODER, "fine_tuned": False}
+    assert meta.training == TRAINING and meta.decoding == DECODING
     loaded = load_checkpoint(path)
     assert loaded.vocab.itos == vocab.itos
     assert loaded.config == model.config
-    assert (loaded.encoder, loaded.training, loaded.decoding) == (meta["encoder"], TRAINING, DECODING)
+    assert (loaded.encoder, loaded.training, loaded.decoding) == (meta.encoder, TRAINING, DECODING)
     assert loaded.encoder_state is None
 
 
@@ -151,7 +151,7 @@ def test_read_metadata_reads_only_the_header(saved, tmp_path, monkeypatch):
         raise AssertionError("read_metadata must not load tensors")
     monkeypatch.setattr(safetensors.torch, "load", no_tensors)
     monkeypatch.setattr(safetensors.torch, "load_file", no_tensors)
-    assert read_metadata(wiped)["training"] == TRAINING
+    assert read_metadata(wiped).training == TRAINING
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match="sha256") as err:   # the full load does notice
         load_checkpoint(wiped)

@@ -104,7 +104,7 @@ def test_cli_logs_checkpoints_and_resumes_exactly(tiny_checkpoint, tiny_flickr, 
 
     last = load_checkpoint(straight / "last.safetensors")
     best = load_checkpoint(straight / "best.safetensors")
-    assert last.metadata["dtype"] == "float32" and best.metadata["dtype"] == "float16"
+    assert last.metadata.dtype == "float32" and best.metadata.dtype == "float16"
     assert last.training["phase"] == "scst" and last.training["init"] == str(tiny_checkpoint)
     assert set(last.training["dev"]) == {"BLEU-4", "CIDEr-D"} and last.training["steps"] == 4
     assert last.encoder == load_checkpoint(tiny_checkpoint).encoder

@@ -13,7 +13,7 @@ import streamlit as st
 from core.checkpoint import DEFAULT_CHECKPOINT_NAME, save_uploaded_checkpoint
 from core.data import find_data_dir_from_env
 from core.decoding import DecodingConfig
-from core.errors import CaptionScopeError, CheckpointError
+from core.errors import CheckpointError
 from ui import state
 from ui.settings import BUNDLED, UPLOADED, CheckpointChoice, available_checkpoints, checkpoint_dir, upload_dir
 
@@ -63,13 +63,8 @@ SIDEBAR_KEYS = (*(c.key for c in DECODING_CONTROLS.values()), SAMPLE_KEY, "flick
 
 
 # -- decoding settings <-> widgets -------------------------------------------------------------------------
-def _apply_decoding_defaults(defaults: dict, *, overwrite: bool) -> None:
-    """Set the widgets from a checkpoint's default decoding dict (clamped into the widgets' ranges)."""
-    base = DecodingConfig()
-    try:
-        base = DecodingConfig.from_dict(dict(defaults or {}))
-    except CaptionScopeError:
-        pass
+def _apply_decoding_defaults(base: DecodingConfig, *, overwrite: bool) -> None:
+    """Set the widgets from a checkpoint's default decoding settings (clamped into the widgets' ranges)."""
     values = {name: getattr(base, name) for name in DECODING_CONTROLS if name != "samples"}
     values.update(seed=base.seed or 0, samples=3 if base.do_sample else max(base.num_return_sequences, 3))
     for name, control in DECODING_CONTROLS.items():
@@ -91,10 +86,11 @@ def _decoding_from_widgets() -> DecodingConfig:
 
 
 def _on_reset_decoding() -> None:
-    _apply_decoding_defaults((state.selected_metadata() or {}).get("decoding", {}), overwrite=True)
+    meta = state.selected_metadata()
+    _apply_decoding_defaults(meta.decoding_config() if meta is not None else DecodingConfig(), overwrite=True)
 
 
-def _draw_decoding(sidebar, defaults: dict) -> None:
+def _draw_decoding(sidebar, defaults: DecodingConfig) -> None:
     _apply_decoding_defaults(defaults, overwrite=False)
     sidebar.subheader("Decoding")
     c = DECODING_CONTROLS
@@ -156,7 +152,7 @@ def _draw_checkpoint(sidebar):
     elif captioner is not None:
         where = "GPU" if captioner.device.startswith("cuda") else "CPU"
         sidebar.caption(f"{captioner.encoder_name} · vocab {len(captioner.vocab):,} · {where}")
-        if not captioner.metadata.get("encoder_weights_match", True):
+        if not captioner.encoder_weights_match:
             sidebar.warning("The encoder weights differ from the ones this checkpoint was trained with; "
                             "captions may be worse than reported.")
     return captioner
@@ -184,7 +180,7 @@ def render_sidebar() -> None:
     """Checkpoint picker, decoding settings and the Flickr8K folder; drawn by `page_setup` on every run of
     every page. Sets the session's "checkpoint_choice" and "decoding"."""
     captioner = _draw_checkpoint(st.sidebar)
-    _draw_decoding(st.sidebar, captioner.metadata.get("decoding", {}) if captioner is not None else {})
+    _draw_decoding(st.sidebar, captioner.default_decoding() if captioner is not None else DecodingConfig())
     _draw_data(st.sidebar)
 
 

@@ -14,6 +14,7 @@ import streamlit as st
 
 from core.captioner import Captioner
 from core.checkpoint import DEFAULT_CHECKPOINT_NAME, read_metadata
+from core.checkpoint_metadata import CheckpointMetadata
 from core.data import CaptionDataset, ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
 from core.errors import CaptionScopeError, CheckpointError
@@ -39,7 +40,7 @@ def _load_captioner(path: str, mtime: int) -> tuple[Captioner | None, str | None
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def checkpoint_metadata(path: str, mtime: int) -> dict:
+def checkpoint_metadata(path: str, mtime: int) -> CheckpointMetadata:
     """Header-only metadata (cheap); raises CheckpointError."""
     del mtime
     return read_metadata(path)
@@ -59,7 +60,7 @@ def selected_checkpoint_path() -> Path | None:
         return None
 
 
-def selected_metadata() -> dict | None:
+def selected_metadata() -> CheckpointMetadata | None:
     """The header of the sidebar's checkpoint, or None when there is none or it cannot be read."""
     path = selected_checkpoint_path()
     if path is None:
