@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import core.checkpoint as ckpt
 from core.checkpoint import (Checkpoint, default_checkpoint_path, list_checkpoints, load_checkpoint,
-                             read_metadata, resolve_checkpoint, save_checkpoint)
+                             read_metadata, resolve_checkpoint, save_checkpoint, save_uploaded_checkpoint)
 from core.errors import CheckpointError
 from core.model import ModelConfig, ShowAttendTell
 from core.text import SPECIALS, Vocabulary
@@ -386,3 +386,20 @@ def test_checkpoint_round_trip_gives_identical_captions(tmp_path, vocab):
         assert captions(load_checkpoint(path).model) == captions(rounded(model))
         assert captions(load_checkpoint(exact).model) == captions(model)
         assert any(ids for per_image in captions(model) for ids in per_image)   # really produced words
+
+
+def test_uploaded_checkpoint_is_validated_before_it_reaches_the_folder(saved, tmp_path):
+    path, _ = saved
+    folder = tmp_path / "uploads"
+    with pytest.raises(CheckpointError, match="my model.safetensors") as err:
+        save_uploaded_checkpoint(folder, "my model.safetensors", path.read_bytes()[:-10])
+    assert ".upload-" not in str(err.value)                     # the user's name, not the temp file
+    assert list_checkpoints(folder) == [] and not any(folder.iterdir())
+    kept = save_uploaded_checkpoint(folder, "../my model.safetensors", path.read_bytes())
+    assert kept == folder / "my_model.safetensors" and list_checkpoints(folder) == [kept]
+    assert read_metadata(kept).training == TRAINING
+    # another file under the same name does not overwrite the first one
+    other = save_checkpoint(tmp_path / "other.safetensors", make_model(seed=1), Vocabulary(list(SPECIALS) + WORDS),
+                            encoder=ENCODER, training=TRAINING)
+    second = save_uploaded_checkpoint(folder, "my model.safetensors", other.read_bytes())
+    assert second != kept and sorted(list_checkpoints(folder)) == sorted([kept, second])
