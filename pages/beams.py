@@ -69,7 +69,7 @@ c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
 n = int(c1.number_input(f"{split} images (first n)", 1, len(items), step=50, key=size_key))
 run = c2.button(f"Run the sweep over {len(widths)} width{'s' if len(widths) > 1 else ''}",
                 icon=":material/play_arrow:", type="primary")
-request = (captioner.checkpoint_id, str(dataset.root), split, n, tuple(widths), tuple(sorted(base.to_dict().items())))
+request = (captioner.checkpoint_id, str(dataset.root), split, n, tuple(widths), base)
 if run:
     st.session_state["beam_sweep_request"] = request
 if st.session_state.get("beam_sweep_request") == request:
