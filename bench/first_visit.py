@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         t = time.perf_counter()
         if meteor:
             prestart_meteor()
-        new = corpus.caption_split(captioner, items, config, features_dir=None)
+        new = corpus.caption_split(captioner, items, config, features_dir=None).captions
         rows_new["caption"] = time.perf_counter() - t
         corpus.score_split(new, items, with_meteor=meteor)
         rows_new["total"] = time.perf_counter() - t

@@ -30,6 +30,7 @@ from core.decoding import DecodingConfig
 from core.errors import CaptionScopeError, DataError, cli_main
 from core.images import fit_for_display
 from core.io_utils import atomic_write_text, printable_name
+from core.text import END
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
@@ -83,7 +84,7 @@ def _jpeg_uri(image: Image.Image, side: int, quality: int) -> str:
 
 def _tokens(result: CaptionResult) -> list[str]:
     hyp = result.hypotheses[0]
-    return list(result.words[0]) + ([analysis.END_TOKEN] if hyp.finished else [])
+    return list(result.words[0]) + ([END] if hyp.finished else [])
 
 
 def _strip(result: CaptionResult, grid: int, config: ReportConfig) -> str:
@@ -224,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     decoding = DecodingConfig(beam_size=args.beam, num_return_sequences=min(args.nbest, args.beam),
                               length_penalty=args.length_penalty, max_length=args.max_length,
                               no_repeat_ngram_size=args.no_repeat_ngram)
-    decoding.validate()
     items = _dataset_items(args.data, args.split, args.names) if args.names else []
     if items and not args.no_meteor:
         from core.metrics import prestart_meteor

@@ -10,6 +10,7 @@ from a scored split (`corpus.score_split` per-image values); for the bundled che
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -73,9 +74,8 @@ def load(path: str | Path = BUNDLED, *, checkpoint_sha256: str | None = None) ->
 def main(argv: list[str] | None = None) -> int:
     from core import corpus
     from core.captioner import Captioner
-    from core.checkpoint import default_checkpoint_path, read_metadata
+    from core.checkpoint import default_checkpoint_path
     from core.data import load_dataset
-    from core.decoding import DecodingConfig
 
     p = argparse.ArgumentParser(prog="python -m core.showcase", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(BUNDLED))
     args = p.parse_args(argv)
     path = args.checkpoint or default_checkpoint_path()
-    decoding = DecodingConfig.from_dict({**read_metadata(path).get("decoding", {}), "num_return_sequences": 1})
     captioner = Captioner.from_checkpoint(path)
+    decoding = dataclasses.replace(captioner.default_decoding(), num_return_sequences=1)
     items = load_dataset(args.data).split(args.split)
     if not items:
         raise DataError(f"the {args.split} split is empty")
     preds = corpus.caption_split(captioner, items, decoding, features_dir=args.features, split=args.split,
-                                 cache=corpus.CaptionCache())
+                                 cache=corpus.CaptionCache()).captions
     scores = corpus.score_split(preds, items, with_meteor=False, cache=corpus.CaptionCache())
     showcase = pick(scores.per_image, args.k)
     atomic_write_json(Path(args.out), to_json(showcase, checkpoint_sha256=captioner.checkpoint_id,

@@ -183,13 +183,12 @@ def run_job(job: CorpusJob, loaded: dict) -> dict:
         prestart_meteor()          # the JVM loads its tables while the encoder runs
     summary = {"images": len(items), "runs": []}
     for k, config in enumerate(configs):
-        info: dict = {}
-        preds = corpus.caption_split(captioner, items, config, features_dir=job.features_dir, split=job.split,
-                                     cache=cache, info=info,
-                                     progress=lambda d, t, k=k: _emit({"progress": [k * len(items) + d, total]}))
+        run = corpus.caption_split(captioner, items, config, features_dir=job.features_dir, split=job.split,
+                                   cache=cache,
+                                   progress=lambda d, t, k=k: _emit({"progress": [k * len(items) + d, total]}))
         if job.score:
-            corpus.score_split(preds, items, with_meteor=job.with_meteor, cache=cache)
-        summary["runs"].append({"decode_s": info.get("decode_s"), "source": info.get("source")})
+            corpus.score_split(run.captions, items, with_meteor=job.with_meteor, cache=cache)
+        summary["runs"].append({"decode_s": run.decode_s, "source": run.source})
     return summary
 
 

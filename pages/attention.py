@@ -9,11 +9,11 @@ import streamlit as st
 from core import analysis
 from core.errors import CaptionScopeError
 from core.images import fit_for_display
-from ui import cache, links, state, widgets
+from ui import cache, links, sidebar, state, widgets
 
 COLORMAPS = ["jet", "viridis", "magma", "inferno", "plasma", "turbo", "gray"]
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Attention")
 captioner = state.require_captioner()
 decoding = state.decoding()
@@ -25,7 +25,7 @@ with pick:
 if item is None:
     st.stop()
 try:
-    decoded, image = cache.caption(captioner, item, decoding)
+    decoded = cache.caption(captioner, item, decoding)
 except CaptionScopeError as e:
     st.error(str(e))
     st.stop()
@@ -45,7 +45,8 @@ hyp = decoded.hypotheses[h]
 tokens = decoded.tokens(h)
 attention = hyp.attention
 steps = len(tokens)
-dec = decoding.to_dict()
+key = cache.CaptionKey.of(captioner, item, decoding)
+image = decoded.image
 sig = hashlib.sha1(f"{item.key}|{h}|{' '.join(tokens)}".encode()).hexdigest()[:12]
 pill_key, slider_key = f"att_word_pill_{sig}", f"att_word_slider_{sig}"
 widgets.init_state(pill_key, 0, range(steps))
@@ -106,16 +107,14 @@ with view:
 
 # -- every word ----------------------------------------------------------------------------------------------
 st.subheader("All words")
-grid_png = cache.attention_grid_png(captioner.checkpoint_id, item.key, dec, h, opacity, cmap, smooth, 5,
-                                    image, decoded.words[h], attention, grid)
+style = cache.HeatmapStyle(opacity=opacity, cmap=cmap, smooth=smooth)
+grid_png = cache.attention_grid_png(key, h, style, decoded, grid)
 st.image(grid_png, width="stretch")
 stem = item.name.rsplit(".", 1)[0]
 d1, d2, _ = st.columns([1, 1, 3])
 d1.download_button("Grid (PNG)", grid_png, file_name=f"{stem}-attention.png", mime="image/png",
                    icon=":material/download:", on_click="ignore", width="stretch")
-d2.download_button("Animation (GIF)", lambda: cache.attention_gif(
-                       captioner.checkpoint_id, item.key, dec, h, opacity, cmap, smooth, image,
-                       decoded.words[h], attention, grid),
+d2.download_button("Animation (GIF)", lambda: cache.attention_gif(key, h, style, decoded, grid),
                    file_name=f"{stem}-attention.gif", mime="image/gif", icon=":material/download:",
                    on_click="ignore", width="stretch")
 
@@ -162,7 +161,7 @@ if st.session_state.get("att_occlusion_request") != request:
              caption=f"Region to grey out: rows {region[0] + 1}–{region[2]}, columns {region[1] + 1}–{region[3]} "
                      f"({analysis.region_mass(attention[t], grid, region):.0%} of this word's attention)")
 else:
-    result = cache.occlusion(captioner.checkpoint_id, item.key, dec, h, t, region, captioner, image, hyp)
+    result = cache.occlusion(key, h, t, region, captioner, decoded)
     c1, c2 = st.columns([1, 2])
     c1.image(fit_for_display(result.image), caption=f"Occluded: {result.attention_mass:.0%} of the word's attention",
              width="stretch")

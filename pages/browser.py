@@ -9,7 +9,7 @@ from core.errors import CaptionScopeError
 from core.images import fit_for_display
 from core.io_utils import printable_name
 from core.metrics import METRIC_NAMES
-from ui import cache, links, state, widgets
+from ui import cache, links, sidebar, state, widgets
 from ui.cache import ImageInput
 
 SORTS = {
@@ -23,12 +23,12 @@ WHERE = {"references and caption": "both", "references": "references", "caption"
 P = state.PERSIST
 REFERENCES_PER_PAGE = 20
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Flickr8K browser")
 captioner = state.require_captioner()
 dataset, split, items = state.require_dev_split()
 decoding = state.decoding()
-if not decoding.do_sample:
+if decoding.mode != "sample":
     decoding = dataclasses.replace(decoding, num_return_sequences=1)   # same cache entries as the sweep
 
 try:
@@ -112,7 +112,8 @@ entry = table[table["image"] == name].iloc[0]
 links.set_image("flickr8k", name)
 try:
     item = ImageInput.from_path(entry["path"], "flickr8k")
-    decoded, image = cache.caption(captioner, item, decoding)
+    decoded = cache.caption(captioner, item, decoding)
+    image = decoded.image
 except CaptionScopeError as e:
     st.error(str(e))
     st.stop()
@@ -136,8 +137,8 @@ st.markdown("**Attention of each word**")
 if decoded.caption != predictions[name]["caption"]:
     st.caption(f"Decoded from the image file: “{decoded.caption}” (the split run used the cached float16 "
                "features, which can tip a close decision).")
-grid_png = cache.attention_grid_png(captioner.checkpoint_id, item.key, decoding.to_dict(), 0, 0.5, "jet", True, 5,
-                                    image, decoded.words[0], decoded.hypotheses[0].attention, captioner.grid)
+grid_png = cache.attention_grid_png(cache.CaptionKey.of(captioner, item, decoding), 0, cache.HeatmapStyle(),
+                                    decoded, captioner.grid)
 st.image(grid_png, width="stretch")
 
 
@@ -147,10 +148,10 @@ def _report_entries() -> list:
         row = table[table["image"] == picked].iloc[0]
         try:
             picked_item = ImageInput.from_path(row["path"], "flickr8k")
-            picked_decoded, picked_image = cache.caption(captioner, picked_item, decoding)
+            picked_result = cache.caption(captioner, picked_item, decoding)
         except CaptionScopeError:
             continue
-        entries.append(widgets.report_entry(picked_item, picked_decoded, picked_image,
+        entries.append(widgets.report_entry(picked_item, picked_result,
                                             references=row["references"], scores=scores.per_image.get(picked)))
     return entries
 

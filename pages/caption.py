@@ -6,17 +6,14 @@ import streamlit as st
 
 from core.errors import CaptionScopeError
 from core.images import SUPPORTED_EXTENSIONS, fit_for_display
-from ui import cache, links, state, widgets
+from ui import cache, links, settings, sidebar, state, widgets
 from ui.cache import ImageInput
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Caption")
 captioner = state.require_captioner()
 decoding = state.decoding()
-mode = (f"sampling {decoding.num_return_sequences} (T={decoding.temperature:g}, top-k={decoding.top_k}, "
-        f"seed {decoding.seed})" if decoding.do_sample else
-        "greedy search" if decoding.beam_size == 1 else f"beam search, width {decoding.beam_size}")
-st.caption(f"Decoding: {mode} · length penalty {decoding.length_penalty:g} · max length {decoding.max_length}"
+st.caption(f"Decoding: {decoding.describe()} · length penalty {decoding.length_penalty:g} · max length {decoding.max_length}"
            f"{f' · no-repeat {decoding.no_repeat_ngram_size}-grams' if decoding.no_repeat_ngram_size else ''}"
            " (change in the sidebar)")
 
@@ -31,7 +28,7 @@ if linked and linked[0] == "example":
 elif linked:
     st.session_state["caption_flickr"] = linked[1]
 with right:
-    examples = state.example_images()
+    examples = settings.example_images()
     key = f"{state.PERSIST}caption_examples"
     requested = st.session_state.pop("requested_example", None)
     if requested in examples:
@@ -78,7 +75,8 @@ for label, item in inputs:
         st.error(item)
         continue
     try:
-        decoded, image = cache.caption(captioner, item, decoding)
+        decoded = cache.caption(captioner, item, decoding)
+        image = decoded.image
     except CaptionScopeError as e:
         st.error(str(e))
         continue
@@ -95,7 +93,7 @@ for label, item in inputs:
         st.caption("Log-prob: sum over the caption's tokens · per token: divided by the emitted tokens "
                    "(incl. <end>)" + (" · score: the length-penalised log-prob the list is ranked by"
                                       if decoding.length_penalty else ""))
-    report_entries.append(widgets.report_entry(item, decoded, image))
+    report_entries.append(widgets.report_entry(item, decoded))
     for row in frame.to_dict("records"):
         records.append({"image": item.name, "sha256": item.key, **row,
                         "encode_ms": round(decoded.encode_ms, 1), "decode_ms": round(decoded.decode_ms, 1)})

@@ -2,9 +2,9 @@
 import streamlit as st
 
 from core.errors import CaptionScopeError
-from ui import cache, links, presenting, state, widgets
+from ui import cache, links, presenting, sidebar, state, widgets
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Presentation")
 captioner = state.require_captioner()
 decoding = state.decoding()
@@ -19,7 +19,8 @@ if item is None:
     st.info("Pick an image above (an example, an upload or a Flickr8K dev image).")
     st.stop()
 try:
-    decoded, image = cache.caption(captioner, item, decoding)
+    decoded = cache.caption(captioner, item, decoding)
+    image = decoded.image
 except CaptionScopeError as e:
     st.error(str(e))
     st.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import (
+from tests.browser_harness import (
     CHROMIUM,
     CHROMIUM_ARGS,
     VIEWPORT,

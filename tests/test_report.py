@@ -11,7 +11,7 @@ from core.captioner import Captioner
 from core.data import load_dataset
 from core.decoding import DecodingConfig
 from core.report import CSP, ReportEntry, flickr_entries, report_for_captioner
-from tests.browser import chromium, requires_chromium
+from tests.browser_harness import chromium, requires_chromium
 from tests.conftest import run_cli
 
 HOSTILE = "<img src=x onerror=alert(1)>.jpg"

@@ -33,8 +33,8 @@ def test_job_runs_at_low_priority_and_fills_the_callers_cache(tiny_checkpoint, t
         cache = corpus.CaptionCache(tmp_path / "cache")
         for config in configs:
             assert corpus.split_is_cached(captioner, items, config, "dev", cache)
-            here = corpus.caption_split(captioner, items, config, features_dir=None, split="dev")
-            assert corpus.caption_split(captioner, items, config, cache=cache, split="dev") == here
+            here = corpus.caption_split(captioner, items, config, features_dir=None, split="dev").captions
+            assert corpus.caption_split(captioner, items, config, cache=cache, split="dev").captions == here
         # a failing job reports one line and the worker keeps serving
         bad = worker.submit(CorpusJob(**{**job.__dict__, "checkpoint": str(tmp_path / "nope.safetensors")}))
         bad.wait(120)

@@ -5,7 +5,6 @@ import base64
 import io
 import math
 import re
-from pathlib import Path
 from typing import Mapping
 
 import pandas as pd
@@ -15,22 +14,16 @@ from PIL import Image, ImageOps
 from core import showcase
 from core.errors import CaptionScopeError
 from core.images import SUPPORTED_EXTENSIONS, ImageLimits
+from core.io_utils import mtime_ns  # noqa: F401  (the pages key thumbnails on it)
 from core.io_utils import printable_name
 from core.metrics import METRIC_NAMES
-from ui import links, state
-from ui.cache import Decoded, ImageInput
+from ui import links, settings, state
+from core.captioner import CaptionResult
+from ui.cache import ImageInput
 
 # Asked of every image uploader: the server's maxUploadSize is the larger checkpoint limit (ui.state).
 MAX_UPLOAD_MB = ImageLimits().max_bytes // 2**20
 MAX_PICKER_OPTIONS = 5000     # a selectbox sends every option to the browser: the first n of a huge split
-
-# Xu et al. 2015, "Show, Attend and Tell", Table 1 (Flickr8K).
-PAPER_FLICKR8K = {
-    "Xu et al. 2015, soft attention": {"BLEU-1": 67.0, "BLEU-2": 44.8, "BLEU-3": 29.9, "BLEU-4": 19.5,
-                                       "METEOR": 18.93},
-    "Xu et al. 2015, hard attention": {"BLEU-1": 67.0, "BLEU-2": 45.7, "BLEU-3": 31.4, "BLEU-4": 21.3,
-                                       "METEOR": 20.30},
-}
 
 
 def upload_help() -> str:
@@ -38,7 +31,7 @@ def upload_help() -> str:
 
 
 def example_input(name: str) -> ImageInput:
-    return ImageInput.from_path(state.example_images()[name], "example")
+    return ImageInput.from_path(settings.example_images()[name], "example")
 
 
 def flickr_input(dataset, image_name: str) -> ImageInput:
@@ -54,13 +47,13 @@ def init_state(key: str, value, options=None) -> None:
 def resolve_image_name(name: str) -> tuple[str, str] | None:
     """A linked image name -> ("example", example name) or ("flickr8k", dev image name), else None.
     Only looked up in the examples and the split's image list: never turned into a path."""
-    for label, path in state.example_images().items():
+    for label, path in settings.example_images().items():
         if name in (label, path.stem, path.name):
             return "example", label
     if state.flickr_dir() is not None:
         dataset, _ = state.get_dataset()
         if dataset is not None:
-            split = "dev" if "dev" in dataset.splits else next(iter(dataset.splits), None)
+            split = dataset.browse_split
             if split and name in {it.image for it in dataset.splits[split]}:
                 return "flickr8k", name
     return None
@@ -124,7 +117,7 @@ def request_flickr_image(prefix: str, name: str) -> None:
 
 
 def example_link_name(label: str) -> str:
-    path = state.example_images().get(label)
+    path = settings.example_images().get(label)
     return path.stem if path else label
 
 
@@ -134,7 +127,7 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
     Shows the ImageError of a bad upload in place and returns None then. Records the choice for the page's
     shareable link (uploads cannot be linked), and applies the link's `image` on a session's first run.
     """
-    examples = state.example_images()
+    examples = settings.example_images()
     sources = ["Example", "Upload"] + (["Flickr8K dev"] if allow_flickr and state.flickr_dir() else [])
     key = f"{state.PERSIST}{prefix}_source"
     if st.session_state.get("requested_example") in examples:
@@ -160,8 +153,8 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
             if dataset is None:
                 st.info(error)
                 return None
-            split = "dev" if "dev" in dataset.splits else next(iter(dataset.splits))
-            names = showcase_first([it.image for it in dataset.splits[split]])[:MAX_PICKER_OPTIONS]   # all sent
+            split = dataset.browse_split
+            names = showcase_first([it.image for it in dataset.splits[split]])[:MAX_PICKER_OPTIONS] if split else []
             if not names:
                 st.info(f"The {split} split is empty.")
                 return None
@@ -198,7 +191,7 @@ def escape_markdown(text: str) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
-def nbest_frame(decoded: Decoded) -> pd.DataFrame:
+def nbest_frame(decoded: CaptionResult) -> pd.DataFrame:
     rows = [{"rank": i + 1, "caption": " ".join(words), "log-prob": hyp.logprob,
              "normalised": hyp.logprob / max(hyp.length, 1), "score": hyp.score, "length": len(words),
              "finished": hyp.finished}
@@ -241,10 +234,6 @@ def facts_row(facts: Mapping[str, str]) -> None:
         col.markdown(f"**{value}**")
 
 
-def metric_columns() -> dict:
-    return {m: st.column_config.NumberColumn(m, format="%.1f") for m in METRIC_NAMES}
-
-
 @st.cache_data(max_entries=4096, show_spinner=False)
 def thumbnail_uri(path: str, mtime_ns: int, side: int = 96) -> str:
     """A small JPEG as a data: URI, for st.column_config.ImageColumn (only made for rows on screen)."""
@@ -269,19 +258,10 @@ def square_thumbnail(path: str, mtime_ns: int, side: int = 320) -> Image.Image:
         return ImageOps.fit(im.convert("RGB"), (side, side), Image.LANCZOS)
 
 
-def mtime_ns(path: Path | str) -> int:
-    try:
-        return Path(path).stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
-def report_entry(item: ImageInput, decoded: Decoded, image: Image.Image, *, references=(), scores=None):
-    """One image of an HTML report (core.report) from what a page has already decoded."""
-    from core.captioner import CaptionResult
+def report_entry(item: ImageInput, result: CaptionResult, *, references=(), scores=None):
+    """One image of an HTML report (core.report) from what a page has already captioned."""
     from core.report import ReportEntry
 
-    result = CaptionResult(item.name, decoded.hypotheses, decoded.words, image)
     return ReportEntry(item.name, result, item.origin, list(references), dict(scores or {}))
 
 
