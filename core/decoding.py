@@ -33,7 +33,7 @@ from core.logits_rules import LogitsRules, nucleus
 from core.text import END_ID, START_ID
 
 __all__ = ["NEG_INF", "DecodingConfig", "Hypothesis", "beam_search", "generate", "greedy",
-           "length_penalty_factor", "reference_beam_search", "sample"]
+           "length_penalty_factor", "reference_beam_search", "sample", "sampling_probs"]
 
 
 # -- greedy and sampling: one path per row -----------------------------------------------------------------
@@ -88,6 +88,15 @@ def greedy(model: nn.Module, features: Tensor, config: DecodingConfig, vocab=Non
     return [[h] for h in hyps]
 
 
+def sampling_probs(scores: Tensor, config: DecodingConfig) -> Tensor:
+    """The distribution a sample is drawn from: softmax of the (tempered, constrained) log-probs (R, V) after
+    top_k, then top_p (Hugging Face's order)."""
+    if 0 < config.top_k < scores.shape[1]:
+        kth = scores.topk(config.top_k, dim=1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, NEG_INF)
+    return nucleus(scores, config.top_p).softmax(dim=1)
+
+
 def sample(model: nn.Module, features: Tensor, config: DecodingConfig, vocab=None) -> list[list[Hypothesis]]:
     """Ancestral sampling from softmax(logits / temperature), optionally restricted to the top_k tokens and
     then to the top_p nucleus (Hugging Face's order: temperature, top-k, top-p).
@@ -107,11 +116,7 @@ def sample(model: nn.Module, features: Tensor, config: DecodingConfig, vocab=Non
         generator.manual_seed(config.seed)
 
     def pick(scores: Tensor) -> Tensor:
-        if 0 < config.top_k < scores.shape[1]:
-            kth = scores.topk(config.top_k, dim=1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, NEG_INF)
-        probs = nucleus(scores, config.top_p).softmax(dim=1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return torch.multinomial(sampling_probs(scores, config), 1, generator=generator).squeeze(1)
 
     with eval_mode(model):
         rows = features.repeat_interleave(n, dim=0)
