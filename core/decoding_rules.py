@@ -123,6 +123,14 @@ class DecodingConfig:
                     f"(diversity penalty {self.diversity_penalty:g})")
         return f"beam search, width {self.beam_size}"
 
+    def describe_knobs(self) -> list[str]:
+        """The Hugging Face knobs that are on, in words ("repetition penalty 1.2", "bad words: dog, ball")."""
+        knobs = [f"top-p {self.top_p:g}" if self.do_sample and self.top_p < 1 else "",
+                 f"repetition penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1 else "",
+                 f"min length {self.min_length}" if self.min_length > 1 else "",
+                 f"bad words: {', '.join(self.bad_words)}" if self.bad_words else ""]
+        return [k for k in knobs if k]
+
     def to_dict(self) -> dict:
         return asdict(self)
 

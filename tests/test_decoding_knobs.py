@@ -225,3 +225,6 @@ def test_knob_config_normalises_and_round_trips():
     assert DecodingConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert config.describe() == "diverse beam search, width 4 in 2 groups (diversity penalty 0.5)"
     assert DecodingConfig(bad_words="Dog").bad_words == ("dog",)
+    assert config.describe_knobs() == ["repetition penalty 1.2", "min length 3", "bad words: cat, dog"]
+    assert DecodingConfig(do_sample=True, top_p=0.9).describe_knobs() == ["top-p 0.9"]
+    assert DecodingConfig().describe_knobs() == []
