@@ -282,6 +282,8 @@ def _repeats_ngram(tokens: list[int], word: int, n: int) -> bool:
 
 def _penalised_logits(logits: Tensor, tokens: list[int], penalty: float) -> Tensor:
     """The repetition penalty, one generated word at a time: positive logits / penalty, negative * penalty."""
+    if penalty == 1.0:
+        return logits
     logits = logits.clone()
     for word in set(tokens):
         logits[word] = logits[word] * penalty if logits[word] < 0 else logits[word] / penalty
