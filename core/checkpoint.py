@@ -370,14 +370,22 @@ def resolve_checkpoint(name_or_path: str | Path, folder: str | Path | None = Non
     return candidate
 
 
+def upload_file_name(name: str) -> str:
+    """The file name an uploaded checkpoint is kept, listed and shown under: the stem of `name` reduced to
+    ASCII letters, digits, '.', '_' and '-' (no path, control or bidi characters), at most 100 of them."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(name)).stem).strip("._")[:100].strip("._")
+    return f"{stem or 'checkpoint'}{SUFFIX}"
+
+
 def save_uploaded_checkpoint(folder: str | Path, name: str, data: bytes) -> Path:
     """Validate uploaded checkpoint bytes and keep them in `folder` under a safe version of `name`.
 
     The bytes go to a hidden temporary name first (never listed) and are fully loaded (header, shapes,
     hashes); only a checkpoint that loads is renamed into the folder, so a bad upload never reaches the
-    picker. Raises CheckpointError with the loader's one-line message, naming the upload, not the temp file.
+    picker. Raises CheckpointError with the loader's one-line message, naming the cleaned file name (what
+    the disk, the picker and messages show), never the temp file.
     """
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "checkpoint"
+    file_name = upload_file_name(name)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     digest = sha256_bytes(data)
@@ -387,10 +395,10 @@ def save_uploaded_checkpoint(folder: str | Path, name: str, data: bytes) -> Path
         load_checkpoint(temp)
     except CaptionScopeError as e:
         temp.unlink(missing_ok=True)
-        raise CheckpointError(str(e).replace(str(temp), name).splitlines()[0]) from None
-    target = folder / f"{stem}{SUFFIX}"
+        raise CheckpointError(str(e).replace(str(temp), file_name).splitlines()[0]) from None
+    target = folder / file_name
     if target.exists() and sha256_bytes(target.read_bytes()) != digest:
-        target = folder / f"{stem}-{digest[:8]}{SUFFIX}"
+        target = folder / f"{target.stem}-{digest[:8]}{SUFFIX}"
     os.replace(temp, target)
     return target
 

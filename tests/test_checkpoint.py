@@ -391,9 +391,9 @@ def test_checkpoint_round_trip_gives_identical_captions(tmp_path, vocab):
 def test_uploaded_checkpoint_is_validated_before_it_reaches_the_folder(saved, tmp_path):
     path, _ = saved
     folder = tmp_path / "uploads"
-    with pytest.raises(CheckpointError, match="my model.safetensors") as err:
+    with pytest.raises(CheckpointError, match="my_model.safetensors") as err:
         save_uploaded_checkpoint(folder, "my model.safetensors", path.read_bytes()[:-10])
-    assert ".upload-" not in str(err.value)                     # the user's name, not the temp file
+    assert ".upload-" not in str(err.value)                     # the cleaned name, not the temp file
     assert list_checkpoints(folder) == [] and not any(folder.iterdir())
     kept = save_uploaded_checkpoint(folder, "../my model.safetensors", path.read_bytes())
     assert kept == folder / "my_model.safetensors" and list_checkpoints(folder) == [kept]
@@ -403,3 +403,15 @@ def test_uploaded_checkpoint_is_validated_before_it_reaches_the_folder(saved, tm
                             encoder=ENCODER, training=TRAINING)
     second = save_uploaded_checkpoint(folder, "my model.safetensors", other.read_bytes())
     assert second != kept and sorted(list_checkpoints(folder)) == sorted([kept, second])
+
+
+@pytest.mark.parametrize("raw,kept", [
+    ("my model.safetensors", "my_model.safetensors"),
+    ("evil\u202egnp.safetensors", "evil_gnp.safetensors"),      # the bidi override never reaches the disk
+    ("../../etc/passwd.safetensors", "passwd.safetensors"),
+    ("\u202e.safetensors", "checkpoint.safetensors"),
+    ("x" * 1000 + ".safetensors", "x" * 100 + ".safetensors"),  # no 'file name too long' on save
+])
+def test_upload_file_name_is_ascii_short_and_inside_the_folder(raw, kept):
+    from core.checkpoint import upload_file_name
+    assert upload_file_name(raw) == kept

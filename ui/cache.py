@@ -22,6 +22,7 @@ from core.captioner import CaptionResult, Captioner
 from core.data import ImageCaptions
 from core.decoding import DecodingConfig
 from core.images import ImageLimits, content_hash, read_source_bytes
+from core.io_utils import printable_name
 from core.metrics import java_available
 from ui.settings import cache_dir, features_dir
 
@@ -40,8 +41,9 @@ class ImageInput:
 
     @classmethod
     def from_upload(cls, upload) -> "ImageInput":
-        """Streamlit UploadedFile -> ImageInput; ImageError if over the size cap."""
-        data, name = read_source_bytes(upload, ImageLimits())
+        """Streamlit UploadedFile -> ImageInput (name cleaned for display); ImageError if over the size cap."""
+        name = printable_name(Path(str(upload.name)).name) or "upload"
+        data, name = read_source_bytes(upload, ImageLimits(), name=name)
         return cls.from_bytes(name, data, "upload")
 
     @classmethod

@@ -14,14 +14,17 @@ from dataclasses import dataclass
 import streamlit as st
 
 from core.captioner import Captioner
-from core.checkpoint import DEFAULT_CHECKPOINT_NAME, save_uploaded_checkpoint
+from core.checkpoint import DEFAULT_CHECKPOINT_NAME, save_uploaded_checkpoint, upload_file_name
 from core.data import find_data_dir_from_env
 from core.decoding import DecodingConfig
 from core.errors import CheckpointError, ConfigError
+from core.io_utils import printable_name
 from ui import state
 from ui.settings import BUNDLED, UPLOADED, CheckpointChoice, available_checkpoints, checkpoint_dir, upload_dir
 
-MAX_CHECKPOINT_UPLOAD_MB = 1024
+# Streamlit enforces the server-wide .streamlit/config.toml maxUploadSize on every upload, whatever a widget
+# asks for, so that file sets the same 200: ~10x the bundled 21 MB checkpoint. Image uploaders ask for 20.
+MAX_CHECKPOINT_UPLOAD_MB = 200
 PAGE_CONFIG = dict(page_title="CaptionScope", page_icon=":material/image_search:", layout="wide")
 
 
@@ -184,17 +187,30 @@ def _draw_decoding(sidebar, defaults: DecodingConfig, captioner: Captioner | Non
 
 
 # -- checkpoint ----------------------------------------------------------------------------------------------
+def _checkpoint_upload_key() -> str:
+    return f"checkpoint_upload_{st.session_state.get('checkpoint_upload_round', 0)}"
+
+
 def _on_checkpoint_upload() -> None:
-    upload = st.session_state.get("checkpoint_upload")
+    """Save the upload, then replace the uploader with a fresh, empty one: its chip would keep showing the
+    browser's raw file name (a U+202E in it reverses the text). The outcome names the cleaned file; the
+    next upload replaces it, so no message outlives the upload it is about."""
+    upload = st.session_state.get(_checkpoint_upload_key())
+    st.session_state.pop("checkpoint_upload_result", None)
     if upload is None:
         return
     try:
         saved = save_uploaded_checkpoint(upload_dir(), upload.name, upload.getvalue())
     except CheckpointError as e:
-        st.session_state["checkpoint_upload_error"] = str(e)
-        return
-    st.session_state.pop("checkpoint_upload_error", None)
-    st.session_state["checkpoint_label"] = CheckpointChoice(UPLOADED, saved.name).label
+        st.session_state["checkpoint_upload_result"] = ("error", str(e))
+    except OSError as e:                        # e.g. the upload folder is full or read-only
+        st.session_state["checkpoint_upload_result"] = ("error", f"{upload_file_name(upload.name)}: cannot "
+                                                                 f"save the upload ({e.strerror or e})")
+    else:
+        label = CheckpointChoice(UPLOADED, saved.name).label
+        st.session_state["checkpoint_upload_result"] = ("success", f"Added {label}; it is selected")
+        st.session_state["checkpoint_label"] = label
+    st.session_state["checkpoint_upload_round"] = st.session_state.get("checkpoint_upload_round", 0) + 1
 
 
 def _draw_checkpoint(sidebar):
@@ -213,11 +229,16 @@ def _draw_checkpoint(sidebar):
         sidebar.warning(f"No checkpoint in {checkpoint_dir()}.")
     st.session_state["checkpoint_choice"] = by_label.get(st.session_state.get("checkpoint_label"))
     with sidebar.expander("Add a checkpoint"):
-        st.file_uploader("CaptionScope .safetensors checkpoint", type=["safetensors"], key="checkpoint_upload",
+        st.file_uploader("CaptionScope .safetensors checkpoint", type=["safetensors"], key=_checkpoint_upload_key(),
                          on_change=_on_checkpoint_upload, max_upload_size=MAX_CHECKPOINT_UPLOAD_MB,
-                         help="Validated by core.checkpoint (never unpickled) and kept in the upload folder.")
-        if st.session_state.get("checkpoint_upload_error"):
-            st.error(st.session_state["checkpoint_upload_error"])
+                         help=f"Up to {MAX_CHECKPOINT_UPLOAD_MB} MB. Validated by core.checkpoint (never "
+                              "unpickled) and kept in the upload folder.")
+        kind, message = st.session_state.get("checkpoint_upload_result") or (None, "")
+        if kind == "error":
+            st.error(message)
+        elif kind == "success":                 # once: the picker above now shows the cleaned name
+            st.toast(message, icon=":material/check:")
+            st.session_state.pop("checkpoint_upload_result")
 
     captioner, error = state.get_captioner() if choices else (None, None)
     if error and choices:
@@ -247,6 +268,8 @@ def _draw_data(sidebar) -> None:
         else:
             sizes = ", ".join(f"{name} {len(items):,}" for name, items in dataset.splits.items())
             sidebar.caption(f"{dataset.source_format} format · {sizes}")
+            for warning in dataset.warnings:     # e.g. 166k references per image: far from a sane dataset
+                sidebar.warning(printable_name(warning, 400))
 
 
 def render_sidebar() -> None:
