@@ -29,7 +29,7 @@ from core.decoding_rules import (NEG_INF, DecodingConfig, Hypothesis, check_feat
                                  length_penalty_factor, log_probs)
 from core.logits_rules import LogitsRules, diversity_counts
 from core.model import DecoderState
-from core.text import END_ID, START_ID
+from core.text import END_ID, START_ID, Vocabulary
 
 
 @dataclass
@@ -118,7 +118,8 @@ class _Live:
                      self.hist.select(rows))
 
 
-def beam_search(model: nn.Module, features: Tensor, config: DecodingConfig, vocab=None) -> list[list[Hypothesis]]:
+def beam_search(model: nn.Module, features: Tensor, config: DecodingConfig,
+                vocab: Vocabulary | None = None) -> list[list[Hypothesis]]:
     """Beam search batched over images and beams: B*K decoder rows, one `model.step` per time step.
 
     The rules are the module docstring's (and `reference_beam_search`'s). Each step makes one topk per beam
@@ -291,7 +292,7 @@ def _penalised_logits(logits: Tensor, tokens: list[int], penalty: float) -> Tens
 
 
 def reference_beam_search(model: nn.Module, features: Tensor, config: DecodingConfig, *,
-                          stop_early: bool = True, vocab=None) -> list[Hypothesis]:
+                          stop_early: bool = True, vocab: Vocabulary | None = None) -> list[Hypothesis]:
     """The n-best of ONE image's (L, C) features, by the rules of `beam_search`, one beam at a time.
 
     Slow and plain on purpose: it is what the batched search is tested against (`stop_early=False` runs
@@ -345,8 +346,10 @@ def _reference_group_step(model: nn.Module, beams: list[_Beam], t: int, config: 
         last = beam.tokens[-1] if beam.tokens else START_ID
         logits, alpha, beta, state = model.step(torch.tensor([last], device=beam.state.h.device), beam.state)
         logp = log_probs(_penalised_logits(logits[0], beam.tokens, config.repetition_penalty)[None])[0]
-        ranked = logp - config.diversity_penalty * torch.bincount(
-            torch.tensor(picked, dtype=torch.long, device=logp.device), minlength=len(logp)).to(logp) if picked else logp
+        ranked = logp                        # the word's log-prob, minus its diversity penalty
+        if picked:
+            times_picked = torch.bincount(torch.tensor(picked, device=logp.device), minlength=len(logp))
+            ranked = logp - config.diversity_penalty * times_picked.to(logp)
         kept = 0                             # a beam's 2Kg best words hold all its words that can rank in the top 2Kg
         for word in ranked.argsort(descending=True).tolist():
             if float(ranked[word]) == NEG_INF or kept == 2 * Kg:

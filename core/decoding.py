@@ -30,7 +30,7 @@ from core.beam_search import beam_search, reference_beam_search
 from core.decoding_rules import (NEG_INF, DecodingConfig, Hypothesis, check_features, eval_mode,
                                  length_penalty_factor, log_probs)
 from core.logits_rules import LogitsRules, nucleus
-from core.text import END_ID, START_ID
+from core.text import END_ID, START_ID, Vocabulary
 
 __all__ = ["NEG_INF", "DecodingConfig", "Hypothesis", "beam_search", "generate", "greedy",
            "length_penalty_factor", "reference_beam_search", "sample", "sampling_probs"]
@@ -76,7 +76,8 @@ def _decode_paths(model: nn.Module, features: Tensor, config: DecodingConfig, ru
     return out
 
 
-def greedy(model: nn.Module, features: Tensor, config: DecodingConfig, vocab=None) -> list[list[Hypothesis]]:
+def greedy(model: nn.Module, features: Tensor, config: DecodingConfig,
+           vocab: Vocabulary | None = None) -> list[list[Hypothesis]]:
     """Argmax at every step: one hypothesis per image (honours the constraints, the repetition penalty and
     max_length). `vocab` (the checkpoint's Vocabulary) is needed only for bad_words."""
     rules = LogitsRules.of(config, vocab)
@@ -97,7 +98,8 @@ def sampling_probs(scores: Tensor, config: DecodingConfig) -> Tensor:
     return nucleus(scores, config.top_p).softmax(dim=1)
 
 
-def sample(model: nn.Module, features: Tensor, config: DecodingConfig, vocab=None) -> list[list[Hypothesis]]:
+def sample(model: nn.Module, features: Tensor, config: DecodingConfig,
+           vocab: Vocabulary | None = None) -> list[list[Hypothesis]]:
     """Ancestral sampling from softmax(logits / temperature), optionally restricted to the top_k tokens and
     then to the top_p nucleus (Hugging Face's order: temperature, top-k, top-p).
 
@@ -124,7 +126,8 @@ def sample(model: nn.Module, features: Tensor, config: DecodingConfig, vocab=Non
     return [sorted(hyps[i * n:(i + 1) * n], key=lambda h: -h.score) for i in range(B)]
 
 
-def generate(model: nn.Module, features: Tensor, config: DecodingConfig, vocab=None) -> list[list[Hypothesis]]:
+def generate(model: nn.Module, features: Tensor, config: DecodingConfig,
+             vocab: Vocabulary | None = None) -> list[list[Hypothesis]]:
     """Caption a batch of encoded images (B, L, C): per image, num_return_sequences hypotheses, best first.
 
     Dispatch on `config.mode`: "sample" -> `sample`, "greedy" -> `greedy`, "beam" -> `beam_search` (diverse

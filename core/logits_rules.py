@@ -24,7 +24,7 @@ from torch import Tensor
 
 from core.decoding_rules import NEG_INF, DecodingConfig, block_repeated_ngrams
 from core.errors import ConfigError
-from core.text import END_ID, NEVER_GENERATED_IDS
+from core.text import END_ID, NEVER_GENERATED_IDS, Vocabulary
 
 
 def penalise_repetitions(logits: Tensor, history: Tensor, penalty: float) -> Tensor:
@@ -74,7 +74,7 @@ def nucleus(scores: Tensor, top_p: float) -> Tensor:
     return scores.masked_fill(remove.scatter(1, order, remove), NEG_INF)
 
 
-def bad_word_ids(words: tuple[str, ...], vocab) -> tuple[int, ...]:
+def bad_word_ids(words: tuple[str, ...], vocab: Vocabulary) -> tuple[int, ...]:
     """The vocabulary ids of `bad_words`; ConfigError naming the words this vocabulary does not have."""
     if not words:
         return ()
@@ -101,7 +101,7 @@ class LogitsRules:
     banned_ids: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, config: DecodingConfig, vocab=None) -> "LogitsRules":
+    def of(cls, config: DecodingConfig, vocab: Vocabulary | None = None) -> "LogitsRules":
         """The rules of `config`; `vocab` (a core.text.Vocabulary) is needed only for bad_words."""
         if config.bad_words and vocab is None:
             raise ConfigError("decoding: bad_words need the checkpoint's vocabulary (pass vocab=)")

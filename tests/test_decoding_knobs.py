@@ -172,7 +172,8 @@ def test_one_group_is_plain_beam_search_and_tiny_penalty_repeats_it(model, featu
     plain = beam_search(model, features, DecodingConfig(beam_size=2, max_length=20, num_return_sequences=2))
     one_group = beam_search(model, features, DecodingConfig(beam_size=2, max_length=20, num_return_sequences=2,
                                                             num_beam_groups=1, diversity_penalty=0.0))
-    key = lambda result: [[(h.token_ids, h.token_logprobs, h.score, h.finished) for h in hs] for hs in result]  # noqa: E731
+    def key(result):
+        return [[(h.token_ids, h.token_logprobs, h.score, h.finished) for h in hs] for hs in result]
     assert key(one_group) == key(plain)
     # with a vanishing penalty every group runs the same width-2 search; the unpenalised first group wins ties
     twins = beam_search(model, features, DecodingConfig(beam_size=4, num_beam_groups=2, diversity_penalty=1e-7,
