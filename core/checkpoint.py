@@ -13,7 +13,9 @@ Metadata keys (all strings; the structured ones hold JSON):
     dtype           "float16" | "bfloat16" | "float32": storage dtype of the weights
     model_config    JSON: `ModelConfig.to_dict()`
     vocab           JSON: `Vocabulary.to_dict()`
-    encoder         JSON: {name, weights_sha256, weights_source, fine_tuned}
+    encoder         JSON: {name, weights_sha256, weights_source, fine_tuned, image_size, grid, tail_stages}
+                    (image_size 224 / grid 7 when absent; tail_stages: how many of the encoder's last
+                    stages the "encoder." tensors hold, 0 = the whole backbone)
     training        JSON: summary dict (epochs, best score, data, ...)
     decoding        JSON: default `DecodingConfig` dict ({} = library defaults)
     tensors_sha256  sha256 of the tensor-data section, so silent corruption is caught on load
@@ -35,6 +37,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from core.encoders import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, grid_for
 from core.errors import CaptionScopeError, CheckpointError
 from core.io_utils import atomic_write_bytes, sha256_bytes
 from core.model import ModelConfig, ShowAttendTell
@@ -256,6 +259,16 @@ def _check_encoder_meta(path: Path, enc: dict) -> None:
     for key in ("weights_sha256", "weights_source"):
         if enc.get(key) is not None and not isinstance(enc[key], str):
             raise CheckpointError(f"{path}: metadata 'encoder.{key}' must be a string or null")
+    size, grid, tail = enc.get("image_size", 224), enc.get("grid"), enc.get("tail_stages", 0)
+    if type(size) is not int or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise CheckpointError(f"{path}: metadata 'encoder.image_size' must be an integer in "
+                              f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}, got {size!r}")
+    if grid is not None and grid != grid_for(size):
+        raise CheckpointError(f"{path}: metadata 'encoder.grid' is {grid!r} but a {size} px input gives a "
+                              f"{grid_for(size)}x{grid_for(size)} grid")
+    if type(tail) is not int or tail < 0 or (tail and not enc["fine_tuned"]):
+        raise CheckpointError(f"{path}: metadata 'encoder.tail_stages' must be an integer >= 0, and 0 unless "
+                              f"the encoder is fine_tuned; got {tail!r}")
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -280,6 +293,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     stored = {name: (tuple(e["shape"]), e["dtype"]) for name, e in header.items() if name != "__metadata__"}
     decoder_stored = {k: v for k, v in stored.items() if not k.startswith(ENCODER_PREFIX)}
     _check_weights_match(path, config, decoder_stored)
+    side = grid_for(meta["encoder"].get("image_size", 224))
+    recorded = "grid" in meta["encoder"] or "image_size" in meta["encoder"]   # older files record neither
+    if recorded and config.num_regions != side * side:
+        raise CheckpointError(f"{path}: model_config.num_regions is {config.num_regions} but the encoder's "
+                              f"{meta['encoder'].get('image_size', 224)} px input gives {side}x{side} = "
+                              f"{side * side} regions")
     has_encoder = len(decoder_stored) < len(stored)
     if meta["encoder"]["fine_tuned"] != has_encoder:
         raise CheckpointError(f"{path}: metadata says encoder fine_tuned={meta['encoder']['fine_tuned']} "

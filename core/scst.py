@@ -35,6 +35,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
 from core.checkpoint import load_checkpoint, save_checkpoint
@@ -42,7 +43,8 @@ from core.data import load_dataset
 from core.decoding import DecodingConfig, greedy
 from core.errors import ConfigError, cli_main
 from core.evaluate import decode_store, score_predictions
-from core.features import open_features
+from core.encoders import build_trained_encoder
+from core.features import model_features
 from core.io_utils import atomic_write_text
 from core.metrics import simple_tokenize
 from core.model import ShowAttendTell
@@ -71,13 +73,23 @@ class _FixedIdfCiderScorer(CiderScorer):
     ref_len = property(lambda self: self._ref_len, lambda self, value: None)
 
 
+def sentence_bleu4(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
+    """pycocoevalcap's per-sentence BLEU-4 ("closest" reference length) of each candidate."""
+    scorer = BleuScorer(n=4)
+    for caption, refs in zip(candidates, references, strict=True):
+        scorer += (" ".join(simple_tokenize(caption)), [" ".join(simple_tokenize(r)) for r in refs])
+    _, per_sentence = scorer.compute_score(option="closest", verbose=0)
+    return np.asarray(per_sentence[3], dtype=np.float64)
+
+
 class CiderDReward:
     """CIDEr-D of candidate captions against the references of their image, idf from `references` (all images)."""
 
-    def __init__(self, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0):
+    def __init__(self, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0,
+                 bleu_weight: float = 0.0):
         if not references:
             raise ConfigError("CIDEr-D reward needs at least one image with references")
-        self.n, self.sigma = n, sigma
+        self.n, self.sigma, self.bleu_weight, self.references = n, sigma, bleu_weight, references
         self.crefs = {key: cook_refs([simple_tokenize(c) for c in caps], n) for key, caps in references.items()}
         df: dict = defaultdict(float)
         for refs in self.crefs.values():           # same counting as CiderScorer.compute_doc_freq
@@ -92,7 +104,10 @@ class CiderDReward:
         for caption, image in zip(candidates, images, strict=True):
             scorer.crefs.append(self.crefs[image])
             scorer.ctest.append(cook_test(simple_tokenize(caption), self.n))
-        return np.asarray(scorer.compute_cider(), dtype=np.float64)
+        cider = np.asarray(scorer.compute_cider(), dtype=np.float64)
+        if not self.bleu_weight:
+            return cider
+        return cider + self.bleu_weight * sentence_bleu4(candidates, [self.references[im] for im in images])
 
 
 # -- sampling with gradients -------------------------------------------------------------------------------
@@ -140,6 +155,8 @@ class ScstConfig:
     eval_beam: int = 3
     eval_limit: int = 0
     eval_every_steps: int = 0     # 0 = once per epoch
+    bleu_weight: float = 0.0      # reward = CIDEr-D + w * sentence BLEU-4: w > 0 favours n-gram precision of
+                                  # longer phrases, which CIDEr-D alone trades for shorter captions
     max_steps: int = 0
     seed: int = 0
     threads: int = 0
@@ -191,16 +208,15 @@ def train_scst(cfg: ScstConfig, resume: bool = False) -> Path:
         torch.set_num_threads(cfg.threads)
     init = load_checkpoint(cfg.init)
     model, vocab = init.model, init.vocab
-    encoder_name = init.encoder["name"]
     dataset = load_dataset(cfg.data)
     train_items, dev_items = dataset.split("train"), dataset.split("dev")
-    train_store = open_features(cfg.features, encoder_name, "train", weights_sha256=init.encoder.get("weights_sha256"))
-    dev_store = open_features(cfg.features, encoder_name, "dev", weights_sha256=init.encoder.get("weights_sha256"))
+    tail = build_trained_encoder(init.encoder, init.encoder_state, "none").eval() if init.encoder_state else None
+    train_store, dev_store = (model_features(init.encoder, cfg.features, split, tail) for split in ("train", "dev"))
     row = train_store.index_of()
     missing = [it.image for it in train_items if it.image not in row]
     if missing:
         raise ConfigError(f"{len(missing)} train images have no cached features (first: {missing[0]})")
-    reward = CiderDReward({it.image: it.captions for it in train_items})
+    reward = CiderDReward({it.image: it.captions for it in train_items}, bleu_weight=cfg.bleu_weight)
     dev_eval = dev_items[: cfg.eval_limit] if cfg.eval_limit else dev_items
     decoding = DecodingConfig(**{**init.decoding, "beam_size": cfg.eval_beam, "num_return_sequences": 1})
 
@@ -223,7 +239,7 @@ def train_scst(cfg: ScstConfig, resume: bool = False) -> Path:
                     "steps": counters["steps"], "dev": {"BLEU-4": dev[0], "CIDEr-D": dev[1]},
                     "init_dev": counters["init_dev"], "log": "log.jsonl"}
         save_checkpoint(path, model, vocab, encoder=init.encoder, training=training, decoding=decoding.to_dict(),
-                        dtype=dtype)
+                        dtype=dtype, encoder_state=init.encoder_state)   # a fine-tuned tail rides along
 
     if resume and last_path.is_file() and state_path.is_file():
         model.load_state_dict(load_checkpoint(last_path).model.state_dict())   # float32: exact
@@ -252,7 +268,8 @@ def train_scst(cfg: ScstConfig, resume: bool = False) -> Path:
         epoch, b = divmod(step, steps_per_epoch)
         order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         batch = [train_items[i].image for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()]
-        feats = train_store.get(np.asarray([row[im] for im in batch]))
+        with torch.no_grad():
+            feats = train_store.get(np.asarray([row[im] for im in batch]))
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)   # per step: resume is exact
         torch.manual_seed(cfg.seed * 1_000_003 + step)                           # dropout stream, if kept
         t0 = time.time()

@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from core.checkpoint import save_checkpoint
+from core.checkpoint import load_checkpoint, save_checkpoint
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
-from core.encoders import ENCODERS, build_encoder
-from core.errors import ConfigError, cli_main
+from core.encoders import ENCODERS, Encoder, build_encoder, encoder_spec, feature_key
+from core.errors import ConfigError, DataError, cli_main
 from core.evaluate import decode_store, score_predictions
-from core.features import FeatureStore, LiveFeatures, open_features
+from core.features import FeatureStore, LiveFeatures, TailFeatures, cache_paths, open_features
 from core.io_utils import atomic_write_text, remove_stale_temp_files
 from core.model import ModelConfig, ShowAttendTell, caption_loss
 from core.text import Vocabulary, tokenize
@@ -75,9 +75,12 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0                # 0 = torch default
     max_steps: int = 0              # stop after this many optimiser steps (tests, benchmarks); 0 = no limit
-    fine_tune_blocks: int = 0       # > 0: also train the encoder's last N blocks, from the images (slow on CPU)
+    image_size: int = 224           # encoder input side in px; the attention grid is image_size / 32 (7 at 224)
+    fine_tune_blocks: int = 0       # > 0: also train the encoder's last N stages: from the activations cached by
+                                    # `core.features --tail-stages N` when present (cheap), else from the images
     encoder_weights: str = "imagenet"   # the encoder to fine-tune: imagenet | none | PATH
     encoder_lr: float = 1e-4
+    init: str = ""                  # start from this checkpoint's decoder (and vocabulary) instead of random
 
 
 def build_vocab(items: list[ImageCaptions], min_count: int) -> Vocabulary:
@@ -188,24 +191,20 @@ def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: boo
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(cfg.data)
     train_items, dev_items = dataset.split("train"), dataset.split("dev")
-    spec = ENCODERS[cfg.encoder]
-    encoder = None
-    if cfg.fine_tune_blocks > 0:   # features change with the encoder: encode the images at every step
-        if world > 1:
-            raise ConfigError("--fine-tune-blocks is single-process only")
-        encoder = build_encoder(cfg.encoder, cfg.encoder_weights).to(device)
-        encoder.set_trainable_blocks(cfg.fine_tune_blocks)
-        train_store = LiveFeatures(encoder, [it.path for it in train_items])
-        dev_store = LiveFeatures(encoder, [it.path for it in dev_items])
-    else:
-        train_store = open_features(cfg.features, cfg.encoder, "train")
-        dev_store = open_features(cfg.features, cfg.encoder, "dev")
-
-    vocab = build_vocab(train_items, cfg.min_count)
-    model_cfg = ModelConfig(vocab_size=len(vocab), encoder_dim=spec.feature_dim, num_regions=spec.num_regions,
-                            **(model_cfg_overrides or {}))
+    encoder, train_store, dev_store = _feature_sources(cfg, train_items, dev_items, device, world)
+    spec = encoder_spec(cfg.encoder, cfg.image_size)
+    init = load_checkpoint(cfg.init) if cfg.init else None
+    vocab = init.vocab if init else build_vocab(train_items, cfg.min_count)
+    model_cfg = init.model.config if init else ModelConfig(
+        vocab_size=len(vocab), encoder_dim=spec.feature_dim, num_regions=spec.num_regions,
+        **(model_cfg_overrides or {}))
+    if model_cfg.num_regions != spec.num_regions:
+        raise ConfigError(f"--init {cfg.init} attends over {model_cfg.num_regions} regions but "
+                          f"--image-size {cfg.image_size} gives {spec.num_regions}")
     torch.manual_seed(cfg.seed)
     model = ShowAttendTell(model_cfg).to(device)
+    if init:
+        model.load_state_dict(init.model.state_dict())
     groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
     if encoder is not None:
         groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.encoder_lr})
@@ -220,13 +219,11 @@ def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: boo
     if resume and state_path.is_file():
         counters = load_train_state(state_path, optimizer=optimizer, scheduler=scheduler, model=model)
         if not counters.pop("model_restored"):   # a state file from before weights were stored in it
-            from core.checkpoint import load_checkpoint
             if not last_path.is_file():
                 raise ConfigError(f"{state_path} holds no weights and {last_path} is missing: cannot resume")
             model.load_state_dict(load_checkpoint(last_path).model.state_dict())   # float32: exact
         if encoder is not None:
-            from core.checkpoint import load_checkpoint
-            encoder.backbone.load_state_dict(load_checkpoint(last_path).encoder_state)
+            encoder.load_encoder_state(load_checkpoint(last_path).encoder_state, cfg.fine_tune_blocks)
         if rank == 0:
             print(f"resuming after epoch {counters['epoch'] - 1} (best BLEU-4 {counters['best_bleu4']:.4f})")
     log_lines = [l for l in (log_path.read_text().splitlines() if log_path.is_file() else [])
@@ -241,9 +238,10 @@ def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: boo
     dev_eval = dev_items[: cfg.eval_limit] if cfg.eval_limit else dev_items
     decoding = DecodingConfig(beam_size=cfg.eval_beam, max_length=cfg.max_words)
     meta = {"encoder": {"name": cfg.encoder, "weights_sha256": train_store.weights_sha256,
-                        "weights_source": spec.weights_source, "fine_tuned": encoder is not None}}
-    if encoder is not None:
-        meta["encoder_state"] = encoder.backbone.state_dict()   # same tensors as training goes on
+                        "weights_source": spec.weights_source, "fine_tuned": encoder is not None,
+                        "image_size": spec.image_size, "grid": spec.grid, "tail_stages": cfg.fine_tune_blocks}}
+    if encoder is not None:   # only the trained stages: the rest is the (recorded) pretrained weights
+        meta["encoder_state"] = encoder.tail_state_dict(cfg.fine_tune_blocks)   # live tensors, saved as trained
     for epoch in range(counters["epoch"], cfg.epochs):
         budget = cfg.max_steps - counters["steps"] if cfg.max_steps else 0
         if cfg.max_steps and budget <= 0:
@@ -295,6 +293,32 @@ def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: boo
             digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
         atomic_write_text(out / f"rank{rank}.sha", digest.hexdigest() + "\n")
     return best_path
+
+
+def _feature_sources(cfg: TrainConfig, train_items: list[ImageCaptions], dev_items: list[ImageCaptions],
+                     device: str, world: int) -> tuple[Encoder | None, object, object]:
+    """(encoder being fine-tuned or None, train features, dev features). Frozen: the feature cache. Fine-tuned
+    last N stages: the cache of activations entering them when it exists (a step costs those stages only),
+    else the images, encoded at every step."""
+    if cfg.fine_tune_blocks <= 0:
+        key = feature_key(cfg.encoder, cfg.image_size)
+        return None, open_features(cfg.features, key, "train"), open_features(cfg.features, key, "dev")
+    if world > 1:
+        raise ConfigError("--fine-tune-blocks is single-process only")
+    encoder = build_encoder(cfg.encoder, cfg.encoder_weights, cfg.image_size).to(device)
+    encoder.set_trainable_blocks(cfg.fine_tune_blocks)
+    key = feature_key(cfg.encoder, cfg.image_size, cfg.fine_tune_blocks)
+    try:
+        stores = [open_features(cfg.features, key, split, weights_sha256=encoder.weights_sha256)
+                  for split in ("train", "dev")]
+    except DataError as e:
+        if cache_paths(cfg.features, key, "train")[1].is_file():   # there, but stale or foreign: never reuse it
+            raise
+        print(f"no activation cache ({e}); encoding the images at every step (slow on a CPU)", flush=True)
+        return encoder, LiveFeatures(encoder, [it.path for it in train_items]), LiveFeatures(
+            encoder, [it.path for it in dev_items])
+    return encoder, TailFeatures(stores[0], encoder, cfg.fine_tune_blocks), TailFeatures(
+        stores[1], encoder, cfg.fine_tune_blocks)
 
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
