@@ -4,6 +4,7 @@
     python -m bench --only decoding --images 1000 --repeats 3
     python -m bench --quick --synthetic          # a short smoke run that needs no data (what the tests run)
     python -m bench --runs 3                     # three whole runs in fresh processes: per figure, the median run
+    python -m bench --only first_visit dashboard --images 1000   # the first Flickr8K visit, cold start, load
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 
 from bench.common import DEFAULT_CHECKPOINT, DEFAULT_DATA, DEFAULT_FEATURES, Row, median_rows, print_table
 
-BENCHES = ("decoding", "upload", "features", "train_step", "dashboard")
+BENCHES = ("decoding", "upload", "features", "train_step", "dashboard", "first_visit")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

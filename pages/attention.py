@@ -9,7 +9,7 @@ import streamlit as st
 from core import analysis
 from core.errors import CaptionScopeError
 from core.images import fit_for_display
-from ui import cache, sidebar, state, widgets
+from ui import cache, links, sidebar, state, widgets
 
 COLORMAPS = ["jet", "viridis", "magma", "inferno", "plasma", "turbo", "gray"]
 
@@ -37,6 +37,7 @@ if not decoded.hypotheses:
 options = list(range(len(decoded.hypotheses)))
 hyp_key = f"att_hyp_{item.key[:16]}"
 widgets.init_state(hyp_key, 0, options)
+links.apply_index("hyp", hyp_key, len(options))
 h = choose.selectbox("Hypothesis", options, key=hyp_key, disabled=len(options) == 1,
                  format_func=lambda i: f"#{i + 1}  {' '.join(decoded.words[i]) or '(empty)'}  "
                                        f"(log-prob {decoded.hypotheses[i].logprob:.2f})")
@@ -49,6 +50,7 @@ image = decoded.image
 sig = hashlib.sha1(f"{item.key}|{h}|{' '.join(tokens)}".encode()).hexdigest()[:12]
 pill_key, slider_key = f"att_word_pill_{sig}", f"att_word_slider_{sig}"
 widgets.init_state(pill_key, 0, range(steps))
+links.apply_index("word", pill_key, steps)
 widgets.init_state(slider_key, st.session_state[pill_key], range(steps))
 
 
@@ -76,6 +78,7 @@ with side:
         st.slider("Step", 0, steps - 1, key=slider_key, on_change=_from_slider, format="%d",
                   help="Same as clicking the words: step through the caption.")
     t = int(st.session_state[pill_key])
+    links.share({"hyp": h + 1, "word": t + 1}, where=choose)
     widgets.init_state(f"{state.PERSIST}att_opacity", 0.5)
     widgets.init_state(f"{state.PERSIST}att_cmap", COLORMAPS[0], COLORMAPS)
     widgets.init_state(f"{state.PERSIST}att_smooth", True)

@@ -6,7 +6,7 @@ import streamlit as st
 
 from core.errors import CaptionScopeError
 from core.images import fit_for_display
-from ui import cache, sidebar, state, widgets
+from ui import cache, links, sidebar, state, widgets
 
 WIDTHS = list(range(1, 11))
 
@@ -34,6 +34,7 @@ elif sidebar_decoding.num_beam_groups > 1:
 
 st.subheader("One image")
 item = widgets.single_image_picker("beam")
+links.share()
 if item is not None and widths:
     try:
         image = cache.display_image(captioner, item)

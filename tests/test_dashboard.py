@@ -75,7 +75,8 @@ def test_every_page_renders(env):
     flickr = os.environ["FLICKR8K_DIR"]
     assert widget(at.text_input, "Flickr8K folder").value == flickr      # from $FLICKR8K_DIR
     titles = {"caption": "Caption", "attention": "Attention", "beams": "Beam comparison",
-              "browser": "Flickr8K browser", "model_card": "Model card", "home": "CaptionScope"}
+              "browser": "Flickr8K browser", "model_card": "Model card", "presentation": "Presentation",
+              "home": "CaptionScope"}
     for page, title in titles.items():
         at.switch_page(f"pages/{page}.py").run()
         assert not at.exception, (page, [e.value for e in at.exception])
@@ -97,7 +98,7 @@ def test_caption_example_and_nbest(env):
     assert nbest["Caption"].str.len().gt(0).all()
     logprobs = nbest["Log-prob"].astype(float)
     assert (logprobs.diff().dropna() <= 1e-6).all() or at.session_state["decoding"].length_penalty
-    assert {b.label for b in at.get("download_button")} == {"Download CSV", "Download JSON"}
+    assert {b.label for b in at.get("download_button")} == {"Download CSV", "Download JSON", "Report (HTML)"}
 
 
 def test_sidebar_decoding_knobs(env):

@@ -19,7 +19,7 @@ from core.data import find_data_dir_from_env
 from core.decoding import DecodingConfig
 from core.errors import CheckpointError, ConfigError
 from core.io_utils import printable_name
-from ui import state
+from ui import links, state
 from ui.settings import BUNDLED, UPLOADED, CheckpointChoice, available_checkpoints, checkpoint_dir, upload_dir
 
 # Streamlit enforces the server-wide .streamlit/config.toml maxUploadSize on every upload, whatever a widget
@@ -290,8 +290,10 @@ def page_setup() -> None:
     """
     leave_folder_mode()
     st.set_page_config(**PAGE_CONFIG)
+    links.begin_page(lambda: [c.label for c in available_checkpoints()])   # a link's settings, before widgets
     keep_page_state()
     render_sidebar()
+    links.show_messages()
 
 
 def leave_folder_mode() -> None:
