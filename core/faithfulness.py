@@ -187,7 +187,8 @@ def summarise(rows: list[dict], *, resamples: int = 1000, seed: int = 0, min_cou
                if len(g) >= min_count}
     band_order = [label for _, _, label in BANDS] + ["<end>"]
     bands = _group(rows, "frequency_band")
-    by_frequency = {b: {**_brief(bands[b]), **_methods(bands[b], resamples, seed)} for b in band_order if b in bands}
+    by_frequency = {b: {**_brief(bands[b]), "ci95": {m: v["ci95"] for m, v in _methods(bands[b], resamples, seed).items()}}
+                    for b in band_order if b in bands}
     return {"format": FORMAT, "images": len({r["image"] for r in rows}), "words": len(rows),
             **_methods(rows, resamples, seed), "by_word": by_word, "by_frequency": by_frequency}
 
