@@ -1,13 +1,12 @@
 """Attention analysis: heatmaps over the image, attention entropy, teacher-forced scoring and occlusion tests.
 
 The decoder attends over a grid x grid map of encoder regions (7x7 for 224 px inputs). Preprocessing is a
-no-crop resize, so region (r, c) covers the cell [c*W/grid, (c+1)*W/grid) x [r*H/grid, (r+1)*H/grid) of the
-*whole* original image; every function here uses that mapping.
+no-crop resize, so region (r, c) is the cell [c*W/grid, (c+1)*W/grid) x [r*H/grid, (r+1)*H/grid) of the
+whole original image. Every picture drawn here is bounded by core.images.display_box.
 
-Attention maps show where the model looked, not what it used. The occlusion test checks the second:
-grey out the cells a word attended to, re-encode, and measure how much the probability of that same word
-(same prefix, teacher-forced) falls. `random_region_baseline` gives the drop from occluding random cells
-of the same size, so a user can tell a real effect from the noise of changing any part of the image.
+Attention maps show where the model looked, not what it used. The occlusion test checks the second: grey
+out the cells a word attended to, re-encode, and measure how much p(that word | same prefix) falls.
+`random_region_baseline` gives the drop for random cells of the same size: a real effect vs. noise.
 
 Pure functions over numpy / PIL / matplotlib (no Streamlit), so pages, CLIs and tests share them.
 """
@@ -24,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from core.decoding import DecodingConfig, Hypothesis
 from core.errors import ConfigError
+from core.images import DISPLAY_FILL, DisplayBox, display_box, letterbox
 
 END_TOKEN = "<end>"
 OCCLUSION_FILL = (124, 116, 104)   # ImageNet mean colour: "no information" rather than a black/white edge
@@ -72,7 +72,8 @@ def _colormap(cmap: str):
 
 
 def overlay_heatmap(image: Image.Image, heat: np.ndarray, *, opacity: float = 0.5, cmap: str = "jet") -> Image.Image:
-    """Alpha-blend a colour-mapped [0, 1] heatmap over the image (resized to the image if needed)."""
+    """Alpha-blend a colour-mapped [0, 1] heatmap over the image (output size = image size; pages show
+    `attention_overlay`, which bounds it)."""
     if not 0.0 <= opacity <= 1.0:
         raise ConfigError(f"opacity must be in [0, 1], got {opacity}")
     base = image.convert("RGB")
@@ -102,10 +103,13 @@ def _labels(words: Sequence[str], steps: int) -> list[str]:
     return words
 
 
-def _fit(image: Image.Image, panel_width: int) -> Image.Image:
-    image = image.convert("RGB")
-    height = max(1, round(image.height * panel_width / image.width))
-    return image.resize((panel_width, height), Image.BILINEAR)
+def attention_overlay(image: Image.Image, weights: np.ndarray, grid: int, box: DisplayBox | None = None, *,
+                      opacity: float = 0.5, cmap: str = "jet", smooth: bool = True, fill=DISPLAY_FILL) -> Image.Image:
+    """One word's heatmap over the image in `box` (default display_box(image.size)); padding is not heated."""
+    box = box or display_box(image.size)
+    base = image.convert("RGB").resize(box.content_size, Image.BILINEAR)     # no-op copy at the same size
+    heat = upsample_attention(weights, grid, base.size, smooth)
+    return letterbox(overlay_heatmap(base, heat, opacity=opacity, cmap=cmap), box, fill)
 
 
 TITLE_HEIGHT = 26
@@ -124,24 +128,24 @@ def attention_grid(image: Image.Image, words: list[str], attention: np.ndarray, 
                    panel_width: int = 224) -> Image.Image:
     """One panel per word (the image with that word's attention overlaid, the word above it).
 
-    Layout: panels of panel_width x (TITLE_HEIGHT + image height at that width), `min(cols, n)` per row,
-    GAP pixels between panels and none around the edge, on a white background.
+    Layout: panels of display_box(image.size, panel_width) (bounded: a 1x1024 strip is letterboxed) plus
+    TITLE_HEIGHT, `min(cols, n)` per row, GAP pixels between panels, none around the edge, on white.
     """
     attention = _steps_by_regions(attention)
     if cols < 1:
         raise ConfigError(f"cols must be >= 1, got {cols}")
     labels = _labels(words, attention.shape[0])
-    base = _fit(image, panel_width)
-    pw, ph = base.size
     n = len(labels)
+    box = display_box(image.size, panel_width, panels=n)
+    pw, ph = box.canvas
     ncols, nrows = min(cols, n), math.ceil(n / cols)
     canvas = Image.new("RGB", (ncols * pw + (ncols - 1) * GAP, nrows * (ph + TITLE_HEIGHT) + (nrows - 1) * GAP),
                        "white")
     draw, font = ImageDraw.Draw(canvas), _font(16)
     for i, (label, row) in enumerate(zip(labels, attention)):
         x, y = (i % ncols) * (pw + GAP), (i // ncols) * (ph + TITLE_HEIGHT + GAP)
-        canvas.paste(overlay_heatmap(base, upsample_attention(row, grid, (pw, ph), smooth),
-                                     opacity=opacity, cmap=cmap), (x, y + TITLE_HEIGHT))
+        canvas.paste(attention_overlay(image, row, grid, box, opacity=opacity, cmap=cmap, smooth=smooth,
+                                       fill=(255, 255, 255)), (x, y + TITLE_HEIGHT))
         draw.text((x + pw // 2, y + TITLE_HEIGHT // 2), label, fill="black", font=font, anchor="mm")
     return canvas
 
@@ -161,15 +165,14 @@ def attention_gif_bytes(image: Image.Image, words: list[str], attention: np.ndar
     if ms_per_word < 20:
         raise ConfigError(f"ms_per_word must be >= 20 (GIF timing resolution), got {ms_per_word}")
     labels = _labels(words, attention.shape[0])
-    base = _fit(image, width)
-    w, h = base.size
-    bar = 30
-    font = _font(16)
+    box = display_box(image.size, width, panels=len(labels))
+    w, h = box.canvas
+    bar, font = 30, _font(16)
     frames = []
     for i, row in enumerate(attention):
         frame = Image.new("RGB", (w, h + bar), (20, 20, 20))
-        frame.paste(overlay_heatmap(base, upsample_attention(row, grid, (w, h), smooth), opacity=opacity,
-                                    cmap=cmap), (0, 0))
+        frame.paste(attention_overlay(image, row, grid, box, opacity=opacity, cmap=cmap, smooth=smooth,
+                                      fill=(20, 20, 20)), (0, 0))
         draw = ImageDraw.Draw(frame)
         prefix = " ".join(labels[:i]) + (" " if i else "")
         word = labels[i]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -419,6 +420,13 @@ def resolve_checkpoint(name_or_path: str | Path, folder: str | Path | None = Non
     if not candidate.is_file():
         raise CheckpointError(f"checkpoint not found: {candidate}")
     return candidate
+
+
+def upload_file_name(name: str) -> str:
+    """The file name an uploaded checkpoint is kept, listed and shown under: the stem of `name` reduced to
+    ASCII letters, digits, '.', '_' and '-' (no path, control or bidi characters), at most 100 of them."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(name)).stem).strip("._")[:100].strip("._")
+    return f"{stem or 'checkpoint'}{SUFFIX}"
 
 
 def default_checkpoint_path(*, must_exist: bool = True) -> Path:

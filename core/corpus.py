@@ -285,12 +285,14 @@ def score_split(predictions: Mapping[str, Any], items: Sequence[ImageCaptions], 
 # -- the browser table ---------------------------------------------------------------------------------------
 
 TABLE_METRICS = ("BLEU-4", "METEOR", "CIDEr-D")
+TABLE_REFERENCES = 5          # references in a table cell (Flickr8K's usual count); the detail view pages the rest
+MAX_REFERENCE_CHARS = 300     # per reference shown anywhere: a cell's payload stays bounded whatever the file holds
 SEARCH_WHERE = ("references", "caption", "both")
 
 
 def browse_table(items: Sequence[ImageCaptions], predictions: Mapping[str, Any], scores: Scores | None) -> pd.DataFrame:
-    """One row per image: image, path, caption, references (list), references_text, BLEU-4, METEOR, CIDEr-D,
-    length. A metric that was not computed (METEOR without Java) is NaN."""
+    """One row per image: image, path, caption, references (list), references_text (reference_preview: what
+    the table shows), BLEU-4, METEOR, CIDEr-D, length. A metric not computed (METEOR without Java) is NaN."""
     captions = _captions_of(predictions)
     per_image = scores.per_image if scores is not None else {}
     rows = []
@@ -298,11 +300,22 @@ def browse_table(items: Sequence[ImageCaptions], predictions: Mapping[str, Any],
         caption = captions.get(it.image, "")
         per = per_image.get(it.image, {})
         rows.append({"image": it.image, "path": str(it.path), "caption": caption, "references": list(it.captions),
-                     "references_text": " | ".join(it.captions),
+                     "references_text": reference_preview(it.captions),
                      **{m: float(per[m]) if m in per else math.nan for m in TABLE_METRICS},
                      "length": len(caption.split())})
     columns = ["image", "path", "caption", "references", "references_text", *TABLE_METRICS, "length"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def clip_text(text: str, max_chars: int = MAX_REFERENCE_CHARS) -> str:
+    return text if len(text) <= max_chars else text[:max_chars - 1] + "…"
+
+
+def reference_preview(references: Sequence[str], count: int = TABLE_REFERENCES) -> str:
+    """The first `count` references, each clipped, and how many more: a table cell of bounded size."""
+    shown = " | ".join(clip_text(r) for r in references[:count])
+    more = len(references) - count
+    return shown + (f" | … and {more:,} more" if more > 0 else "")
 
 
 def filter_table(df: pd.DataFrame, query: str, where: str = "both", sort_by: str = "CIDEr-D",
@@ -313,12 +326,13 @@ def filter_table(df: pd.DataFrame, query: str, where: str = "both", sort_by: str
         raise ConfigError(f"where must be one of {', '.join(SEARCH_WHERE)}, got {where!r}")
     if sort_by not in df.columns:
         raise ConfigError(f"cannot sort by {sort_by!r}: columns are {', '.join(map(str, df.columns))}")
+    references = df["references"].str.join(" | ")        # all of them, not just the ones a cell shows
     if where == "references":
-        text = df["references_text"]
+        text = references
     elif where == "caption":
         text = df["caption"]
     else:
-        text = df["caption"] + " | " + df["references_text"]
+        text = df["caption"] + " | " + references
     text = text.str.lower()
     mask = pd.Series(True, index=df.index)
     for term in (query or "").lower().split():

@@ -8,6 +8,7 @@ import streamlit as st
 
 from core import analysis
 from core.errors import CaptionScopeError
+from core.images import fit_for_display
 from ui import cache, evidence, state, widgets
 
 COLORMAPS = ["jet", "viridis", "magma", "inferno", "plasma", "turbo", "gray"]
@@ -98,9 +99,9 @@ with side:
     st.caption(f"Peak cell: row {peak[0] + 1}, column {peak[1] + 1} of {grid}×{grid} · "
                f"max weight {float(attention[t].max()):.2f}")
 with view:
-    heat = analysis.upsample_attention(attention[t], grid, image.size, smooth=smooth)
     # JPEG: redrawn on every word change, and a photo encodes ~10x faster (and smaller) than as PNG
-    st.image(analysis.overlay_heatmap(image, heat, opacity=opacity, cmap=cmap), output_format="JPEG",
+    st.image(analysis.attention_overlay(image, attention[t], grid, opacity=opacity, cmap=cmap, smooth=smooth),
+             output_format="JPEG",
              caption=f"“{tokens[t]}” (step {t + 1} of {steps})", width="stretch")
 
 # -- every word ----------------------------------------------------------------------------------------------
@@ -161,13 +162,14 @@ if st.button("Run occlusion check", icon=":material/play_arrow:", type="primary"
     st.session_state["att_occlusion_request"] = request
 if st.session_state.get("att_occlusion_request") != request:
     c1, _ = st.columns([1, 2])
-    c1.image(analysis.occlude(image, region, grid), width="stretch", output_format="JPEG",
+    c1.image(fit_for_display(analysis.occlude(image, region, grid)), width="stretch", output_format="JPEG",
              caption=f"Region to grey out: rows {region[0] + 1}–{region[2]}, columns {region[1] + 1}–{region[3]} "
                      f"({analysis.region_mass(attention[t], grid, region):.0%} of this word's attention)")
 else:
     result = cache.occlusion(captioner.checkpoint_id, item.key, dec, h, t, region, captioner, image, hyp)
     c1, c2 = st.columns([1, 2])
-    c1.image(result.image, caption=f"Occluded: {result.attention_mass:.0%} of the word's attention", width="stretch")
+    c1.image(fit_for_display(result.image), caption=f"Occluded: {result.attention_mass:.0%} of the word's attention",
+             width="stretch")
     with c2:
         m1, m2, m3 = st.columns(3)
         m1.metric(f"p(“{result.word}”) before", f"{result.prob_before:.3f}")

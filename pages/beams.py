@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import CaptionScopeError
+from core.images import fit_for_display
 from ui import cache, state, widgets
 
 WIDTHS = list(range(1, 11))
@@ -39,7 +40,7 @@ if item is not None and widths:
     else:
         rows = cache.beam_rows(captioner.checkpoint_id, item.key, tuple(widths), base.to_dict(), captioner, feats)
         pic, table = st.columns([1, 3])
-        pic.image(image, caption=item.name, width="stretch")
+        pic.image(fit_for_display(image), caption=item.name, width="stretch")
         frame = pd.DataFrame(rows, columns=["width", "caption", "logprob", "normalised", "length", "finished",
                                             "time_ms"])
         frame["finished"] = frame["finished"].map({True: "yes", False: "no"})

@@ -6,6 +6,8 @@ import streamlit as st
 
 from core import corpus
 from core.errors import CaptionScopeError
+from core.images import fit_for_display
+from core.io_utils import printable_name
 from core.metrics import METRIC_NAMES
 from ui import cache, state, widgets
 from ui.cache import ImageInput
@@ -19,6 +21,7 @@ SORTS = {
 }
 WHERE = {"references and caption": "both", "references": "references", "caption": "caption"}
 P = state.PERSIST
+REFERENCES_PER_PAGE = 20
 
 state.page_setup()
 st.title("Flickr8K browser")
@@ -96,7 +99,7 @@ widgets.init_state(detail_key, names[0], names)
 
 # -- one image -----------------------------------------------------------------------------------------------------
 st.subheader("Details")
-name = st.selectbox("Image (or select a row above)", names, key=detail_key)
+name = st.selectbox("Image (or select a row above)", names, key=detail_key, format_func=printable_name)
 entry = rows[rows["image"] == name].iloc[0]
 try:
     item = ImageInput.from_path(entry["path"], "flickr8k")
@@ -105,10 +108,19 @@ except CaptionScopeError as e:
     st.error(str(e))
     st.stop()
 pic, text = st.columns([2, 3])
-pic.image(image, caption=name, width="stretch")
+pic.image(fit_for_display(image), caption=printable_name(name), width="stretch")
 with text:
-    st.markdown(f"**Caption:** {predictions[name]['caption']}")
-    st.markdown("**References:**\n" + "\n".join(f"{i + 1}. {ref}" for i, ref in enumerate(entry["references"])))
+    st.markdown(f"**Caption:** {widgets.escape_markdown(predictions[name]['caption'])}")
+    references = entry["references"]
+    first = 0
+    if len(references) > REFERENCES_PER_PAGE:      # the whole list would grow the page with the file
+        ref_pages = math.ceil(len(references) / REFERENCES_PER_PAGE)
+        ref_page = st.number_input(f"References page (of {ref_pages:,}; {len(references):,} references)", 1,
+                                   ref_pages, step=1, key=f"browse_ref_page_{detail_key}_{name}")
+        first = (int(ref_page) - 1) * REFERENCES_PER_PAGE
+    st.markdown("**References:**\n" + "\n".join(
+        f"{first + i + 1}. {widgets.escape_markdown(corpus.clip_text(ref))}"
+        for i, ref in enumerate(references[first:first + REFERENCES_PER_PAGE])))
     per = widgets.metric_row(scores.per_image.get(name, {}))
     st.table(widgets.metric_table([{"image": "×100", **per}], label="image").T)
 st.markdown("**Attention of each word**")

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import CaptionScopeError
-from core.images import SUPPORTED_EXTENSIONS
+from core.images import SUPPORTED_EXTENSIONS, fit_for_display
 from ui import cache, state, widgets
 from ui.cache import ImageInput
 
@@ -23,7 +23,8 @@ st.caption(f"Decoding: {mode} · length penalty {decoding.length_penalty:g} · m
 left, right = st.columns([3, 2])
 with left:
     uploads = st.file_uploader("Upload photos", type=list(SUPPORTED_EXTENSIONS), accept_multiple_files=True,
-                               key="caption_uploads", help=widgets.upload_help())
+                               key="caption_uploads", help=widgets.upload_help(),
+                               max_upload_size=widgets.MAX_UPLOAD_MB)
 with right:
     examples = state.example_images()
     key = f"{state.PERSIST}caption_examples"
@@ -64,7 +65,7 @@ for label, item in inputs:
         st.error(str(e))
         continue
     pic, text = st.columns([2, 3])
-    pic.image(image, caption=item.name, width="stretch")
+    pic.image(fit_for_display(image), caption=item.name, width="stretch")
     with text:
         st.subheader(decoded.caption or "(empty caption)")
         st.caption(f"encode {decoded.encode_ms:.0f} ms · decode {decoded.decode_ms:.0f} ms · "

@@ -386,3 +386,15 @@ def test_checkpoint_round_trip_gives_identical_captions(tmp_path, vocab):
         assert captions(load_checkpoint(path).model) == captions(rounded(model))
         assert captions(load_checkpoint(exact).model) == captions(model)
         assert any(ids for per_image in captions(model) for ids in per_image)   # really produced words
+
+
+@pytest.mark.parametrize("raw,kept", [
+    ("my model.safetensors", "my_model.safetensors"),
+    ("evil\u202egnp.safetensors", "evil_gnp.safetensors"),      # the bidi override never reaches the disk
+    ("../../etc/passwd.safetensors", "passwd.safetensors"),
+    ("\u202e.safetensors", "checkpoint.safetensors"),
+    ("x" * 1000 + ".safetensors", "x" * 100 + ".safetensors"),  # no 'file name too long' on save
+])
+def test_upload_file_name_is_ascii_short_and_inside_the_folder(raw, kept):
+    from core.checkpoint import upload_file_name
+    assert upload_file_name(raw) == kept

@@ -199,3 +199,16 @@ def test_beam_sweep_one_row_per_width(captioner, items, tiny_features, tmp_path)
     assert counts == sorted(counts) and seen[-1] == (2 * len(items), 2 * len(items))
     with pytest.raises(ConfigError):
         beam_sweep(captioner, items, [], DecodingConfig(), features_dir=tiny_features)
+
+
+def test_table_cells_stay_bounded_and_search_still_sees_every_reference(tmp_path):
+    from core.corpus import MAX_REFERENCE_CHARS, TABLE_REFERENCES, reference_preview
+    from core.data import ImageCaptions
+    refs = tuple(f"reference {k} " + ("long " * 200 if k == 0 else "") for k in range(100_000)) + ("a zebra",)
+    items = [ImageCaptions("a.jpg", tmp_path / "a.jpg", refs)]
+    df = browse_table(items, {"a.jpg": {"caption": "a dog"}}, None)
+    cell = df["references_text"].iloc[0]
+    assert len(cell) <= TABLE_REFERENCES * (MAX_REFERENCE_CHARS + 3) + 40 and cell.endswith("… and 99,996 more")
+    assert reference_preview(refs[1:3]) == "reference 1  | reference 2 "
+    assert len(filter_table(df, "zebra", "references", "length")) == 1          # the last of 100,001
+    assert len(filter_table(df.iloc[:0], "zebra", "both", "length")) == 0

@@ -23,6 +23,7 @@ from core.captioner import Captioner
 from core.data import ImageCaptions
 from core.decoding import DecodingConfig, Hypothesis
 from core.images import ImageLimits, content_hash, read_source_bytes
+from core.io_utils import printable_name
 from core.metrics import java_available
 from ui.state import cache_dir, features_dir
 
@@ -41,8 +42,9 @@ class ImageInput:
 
     @classmethod
     def from_upload(cls, upload) -> "ImageInput":
-        """Streamlit UploadedFile -> ImageInput; ImageError if over the size cap."""
-        data, name = read_source_bytes(upload, ImageLimits())
+        """Streamlit UploadedFile -> ImageInput (name cleaned for display); ImageError if over the size cap."""
+        name = printable_name(Path(str(upload.name)).name) or "upload"
+        data, name = read_source_bytes(upload, ImageLimits(), name=name)
         return cls.from_bytes(name, data, "upload")
 
     @classmethod

@@ -65,8 +65,8 @@ def trace(checkpoint_id: str, content_key: str, decoding: dict, _captioner, _fea
 # -- rendering ---------------------------------------------------------------------------------------------------------
 def heat_image(image: Image.Image, weights: np.ndarray, grid: int, *, opacity: float, cmap: str,
                smooth: bool) -> Image.Image:
-    return analysis.overlay_heatmap(image, analysis.upsample_attention(weights, grid, image.size, smooth=smooth),
-                                    opacity=opacity, cmap=cmap)
+    """Bounded for display (core.images.DISPLAY_LIMITS), as the page's own overlay."""
+    return analysis.attention_overlay(image, weights, grid, opacity=opacity, cmap=cmap, smooth=smooth)
 
 
 def deletion_chart(result: evidence.WordEvidence) -> alt.LayerChart:

@@ -13,7 +13,6 @@ Folders (no machine path is baked in):
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,18 +20,20 @@ import streamlit as st
 
 from core.captioner import Captioner
 from core.checkpoint import (DEFAULT_CHECKPOINT_DIR, DEFAULT_CHECKPOINT_NAME, SUFFIX, list_checkpoints,
-                             load_checkpoint, read_metadata, resolve_checkpoint)
+                             load_checkpoint, read_metadata, resolve_checkpoint, upload_file_name)
 from core.data import CaptionDataset, find_data_dir_from_env, load_dataset
 from core.decoding import DecodingConfig
 from core.errors import CaptionScopeError, CheckpointError
-from core.io_utils import atomic_write_bytes, sha256_bytes
+from core.io_utils import atomic_write_bytes, printable_name, sha256_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO / "assets" / "examples"
 CHECKPOINT_DIR_ENV = "CAPTIONSCOPE_CHECKPOINT_DIR"
 CACHE_DIR_ENV = "CAPTIONSCOPE_CACHE_DIR"
 FEATURES_DIR_ENV = "CAPTIONSCOPE_FEATURES_DIR"
-MAX_CHECKPOINT_UPLOAD_MB = 1024
+# Streamlit enforces the server-wide .streamlit/config.toml maxUploadSize on every upload, whatever a widget
+# asks for, so that file sets the same 200: ~10x the bundled 21 MB checkpoint. Image uploaders ask for 20.
+MAX_CHECKPOINT_UPLOAD_MB = 200
 BUNDLED, UPLOADED = "bundled", "uploaded"
 # Widget keys starting with this survive page switches (Streamlit drops the state of widgets that a run
 # does not draw; `keep_page_state` re-assigns them on every run, before any page draws).
@@ -166,7 +167,7 @@ def save_uploaded_checkpoint(name: str, data: bytes) -> CheckpointChoice:
     checkpoint that loads is renamed into the folder, so a bad upload never reaches the picker.
     Raises CheckpointError with the loader's one-line message.
     """
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "checkpoint"
+    file_name = upload_file_name(name)          # ASCII only: what the disk, the picker and messages show
     folder = upload_dir()
     folder.mkdir(parents=True, exist_ok=True)
     digest = sha256_bytes(data)
@@ -176,10 +177,10 @@ def save_uploaded_checkpoint(name: str, data: bytes) -> CheckpointChoice:
         load_checkpoint(temp)
     except CaptionScopeError as e:
         temp.unlink(missing_ok=True)
-        raise CheckpointError(str(e).replace(str(temp), name).splitlines()[0]) from None
-    target = folder / f"{stem}{SUFFIX}"
+        raise CheckpointError(str(e).replace(str(temp), file_name).splitlines()[0]) from None
+    target = folder / file_name
     if target.exists() and sha256_bytes(target.read_bytes()) != digest:
-        target = folder / f"{stem}-{digest[:8]}{SUFFIX}"
+        target = folder / f"{target.stem}-{digest[:8]}{SUFFIX}"
     os.replace(temp, target)
     return CheckpointChoice(UPLOADED, target.name)
 
@@ -315,17 +316,29 @@ def keep_page_state() -> None:
 
 
 # -- the sidebar -----------------------------------------------------------------------------------------------
+def _checkpoint_upload_key() -> str:
+    return f"checkpoint_upload_{st.session_state.get('checkpoint_upload_round', 0)}"
+
+
 def _on_checkpoint_upload() -> None:
-    upload = st.session_state.get("checkpoint_upload")
+    """Save the upload, then replace the uploader with a fresh, empty one: its chip would keep showing the
+    browser's raw file name (a U+202E in it reverses the text). The outcome names the cleaned file; the
+    next upload replaces it, so no message outlives the upload it is about."""
+    upload = st.session_state.get(_checkpoint_upload_key())
+    st.session_state.pop("checkpoint_upload_result", None)
     if upload is None:
         return
     try:
         choice = save_uploaded_checkpoint(upload.name, upload.getvalue())
     except CheckpointError as e:
-        st.session_state["checkpoint_upload_error"] = str(e)
-        return
-    st.session_state.pop("checkpoint_upload_error", None)
-    st.session_state["checkpoint_label"] = choice.label
+        st.session_state["checkpoint_upload_result"] = ("error", str(e))
+    except OSError as e:                        # e.g. the upload folder is full or read-only
+        st.session_state["checkpoint_upload_result"] = ("error", f"{upload_file_name(upload.name)}: cannot "
+                                                                 f"save the upload ({e.strerror or e})")
+    else:
+        st.session_state["checkpoint_upload_result"] = ("success", f"Added {choice.label}; it is selected")
+        st.session_state["checkpoint_label"] = choice.label
+    st.session_state["checkpoint_upload_round"] = st.session_state.get("checkpoint_upload_round", 0) + 1
 
 
 def _on_reset_decoding() -> None:
@@ -357,11 +370,16 @@ def render_sidebar() -> None:
         sidebar.warning(f"No checkpoint in {checkpoint_dir()}.")
     st.session_state["checkpoint_choice"] = by_label.get(st.session_state.get("checkpoint_label"))
     with sidebar.expander("Add a checkpoint"):
-        st.file_uploader("CaptionScope .safetensors checkpoint", type=["safetensors"], key="checkpoint_upload",
+        st.file_uploader("CaptionScope .safetensors checkpoint", type=["safetensors"], key=_checkpoint_upload_key(),
                          on_change=_on_checkpoint_upload, max_upload_size=MAX_CHECKPOINT_UPLOAD_MB,
-                         help="Validated by core.checkpoint (never unpickled) and kept in the upload folder.")
-        if st.session_state.get("checkpoint_upload_error"):
-            st.error(st.session_state["checkpoint_upload_error"])
+                         help=f"Up to {MAX_CHECKPOINT_UPLOAD_MB} MB. Validated by core.checkpoint (never "
+                              "unpickled) and kept in the upload folder.")
+        kind, message = st.session_state.get("checkpoint_upload_result") or (None, "")
+        if kind == "error":
+            st.error(message)
+        elif kind == "success":                 # once: the picker above now shows the cleaned name
+            st.toast(message, icon=":material/check:")
+            st.session_state.pop("checkpoint_upload_result")
 
     captioner, error = get_captioner() if choices else (None, None)
     if error and choices:
@@ -414,3 +432,5 @@ def render_sidebar() -> None:
         else:
             sizes = ", ".join(f"{name} {len(items):,}" for name, items in dataset.splits.items())
             sidebar.caption(f"{dataset.source_format} format · {sizes}")
+            for warning in dataset.warnings:     # e.g. 166k references per image: far from a sane dataset
+                sidebar.warning(printable_name(warning, 400))

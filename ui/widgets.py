@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -13,11 +14,14 @@ from PIL import Image, ImageOps
 
 from core.errors import CaptionScopeError
 from core.images import SUPPORTED_EXTENSIONS, ImageLimits
+from core.io_utils import printable_name
 from core.metrics import METRIC_NAMES
 from ui import state
 from ui.cache import Decoded, ImageInput
 
+# Asked of every image uploader: the server's maxUploadSize is the larger checkpoint limit (ui.state).
 MAX_UPLOAD_MB = ImageLimits().max_bytes // 2**20
+MAX_PICKER_OPTIONS = 5000     # a selectbox sends every option to the browser: the first n of a huge split
 
 # Xu et al. 2015, "Show, Attend and Tell", Table 1 (Flickr8K).
 PAPER_FLICKR8K = {
@@ -61,7 +65,7 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
     try:
         if source == "Upload":
             upload = st.file_uploader("Upload an image", type=list(SUPPORTED_EXTENSIONS), key=f"{prefix}_upload",
-                                      help=upload_help())
+                                      help=upload_help(), max_upload_size=MAX_UPLOAD_MB)
             return ImageInput.from_upload(upload) if upload is not None else None
         if source == "Flickr8K dev":
             dataset, error = state.get_dataset()
@@ -69,13 +73,14 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
                 st.info(error)
                 return None
             split = "dev" if "dev" in dataset.splits else next(iter(dataset.splits))
-            names = [it.image for it in dataset.splits[split]]
+            names = [it.image for it in dataset.splits[split]][:MAX_PICKER_OPTIONS]    # options are all sent
             if not names:
                 st.info(f"The {split} split is empty.")
                 return None
             key = f"{state.PERSIST}{prefix}_flickr"
             init_state(key, names[0], set(names))
-            name = st.selectbox(f"{split} image", names, key=key, help="Type to search the file names.")
+            name = st.selectbox(f"{split} image", names, key=key, help="Type to search the file names.",
+                                format_func=printable_name)
             return flickr_input(dataset, name)
         if not examples:
             st.info("No example photos found in assets/examples/.")
@@ -90,6 +95,15 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
     except CaptionScopeError as e:
         st.error(str(e))
         return None
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$])")
+
+
+def escape_markdown(text: str) -> str:
+    """Text from a file or a model, shown literally inside st.markdown: no links, images, HTML, LaTeX or
+    Streamlit directives (":red[...]", ":material/...:") made from it."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def nbest_frame(decoded: Decoded) -> pd.DataFrame:
