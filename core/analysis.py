@@ -22,10 +22,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from core.decoding import DecodingConfig, Hypothesis
+from core.decoding_rules import log_probs
 from core.errors import ConfigError
 from core.images import DISPLAY_FILL, DisplayBox, display_box, letterbox
+from core.text import END, END_ID, START_ID
 
-END_TOKEN = "<end>"
 OCCLUSION_FILL = (124, 116, 104)   # ImageNet mean colour: "no information" rather than a black/white edge
 
 
@@ -96,7 +97,7 @@ def _labels(words: Sequence[str], steps: int) -> list[str]:
     """Words for the attention rows; the caller may leave out the final <end> row's label."""
     words = list(words)
     if steps == len(words) + 1:
-        words.append(END_TOKEN)
+        words.append(END)
     if steps != len(words):
         raise ConfigError(f"{len(words)} words but {steps} attention rows (expected equal, or one more row "
                           "for <end>)")
@@ -243,21 +244,19 @@ class TokenScores:
         return float(self.logprobs.sum(dtype=np.float64))
 
 
-def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, start_id: int = 1, end_id: int = 2,
-                 pad_id: int = 0, unk_id: int | None = None, include_end: bool = True) -> TokenScores:
+def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, include_end: bool = True) -> TokenScores:
     """Log-probabilities the model gives a fixed caption (teacher forcing through `model.step`).
 
     `token_ids` are the words (a leading <start> / trailing <end> are tolerated and stripped). The
-    distribution excludes <pad> and <start> (and <unk> when `unk_id` is given, as the Captioner's decoding
-    does), so for the decoder's own caption
+    distribution excludes the never-generated tokens, as decoding does, so for the decoder's own caption
     this reproduces its `token_logprobs`. include_end=False scores the words only (an unfinished caption).
     """
     ids = [int(t) for t in token_ids]
-    if ids and ids[0] == start_id:
+    if ids and ids[0] == START_ID:
         ids = ids[1:]
-    if ids and ids[-1] == end_id:
+    if ids and ids[-1] == END_ID:
         ids = ids[:-1]
-    targets = ids + ([end_id] if include_end else [])
+    targets = ids + ([END_ID] if include_end else [])
     if not targets:
         raise ConfigError("score_tokens: nothing to score (no words and include_end=False)")
     if features.dim() == 2:
@@ -270,13 +269,11 @@ def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, start_i
     try:
         with torch.inference_mode():
             state = model.init_state(features.to(device=device, dtype=torch.float32))
-            inputs = [start_id] + targets[:-1]
+            inputs = [START_ID] + targets[:-1]
             logprobs, alphas, betas = [], [], []
             for prev, target in zip(inputs, targets):
                 logits, alpha, beta, state = model.step(torch.tensor([prev], device=device), state)
-                logits = logits.clone()
-                logits[:, [pad_id, start_id] + ([unk_id] if unk_id is not None else [])] = float("-inf")
-                logprobs.append(torch.log_softmax(logits, dim=-1)[0, target])
+                logprobs.append(log_probs(logits)[0, target])
                 alphas.append(alpha[0])
                 betas.append(beta[0, 0])
             lp = torch.stack(logprobs).float().cpu().numpy()
@@ -362,13 +359,8 @@ def _word_at(captioner, hypothesis: Hypothesis, word_index: int) -> str:
     if 0 <= word_index < n:
         return captioner.vocab.itos[hypothesis.token_ids[word_index]]
     if word_index == n and hypothesis.finished:
-        return END_TOKEN
+        return END
     raise ConfigError(f"word_index {word_index} is outside the caption (0..{n - 1 + int(hypothesis.finished)})")
-
-
-def _ids(captioner) -> dict:
-    v = captioner.vocab
-    return {"start_id": v.start_id, "end_id": v.end_id, "pad_id": v.pad_id, "unk_id": v.unk_id}
 
 
 def occlusion_test(captioner, image: Image.Image, hypothesis: Hypothesis, word_index: int,
@@ -388,9 +380,8 @@ def occlusion_test(captioner, image: Image.Image, hypothesis: Hypothesis, word_i
     region = _check_region(region, grid)
     occluded = occlude(image, region, grid)
     feats = captioner.encode([image.convert("RGB"), occluded])
-    ids = _ids(captioner)
-    before = score_tokens(captioner.model, feats[0], hypothesis.token_ids, include_end=hypothesis.finished, **ids)
-    after = score_tokens(captioner.model, feats[1], hypothesis.token_ids, include_end=hypothesis.finished, **ids)
+    before = score_tokens(captioner.model, feats[0], hypothesis.token_ids, include_end=hypothesis.finished)
+    after = score_tokens(captioner.model, feats[1], hypothesis.token_ids, include_end=hypothesis.finished)
     hyp_after = captioner.decode(feats[1:2], decoding)[0][0]
     return OcclusionResult(
         region=region, box=region_pixels(region, grid, occluded.size), image=occluded, word_index=word_index,
@@ -437,13 +428,12 @@ def random_region_baseline(captioner, image: Image.Image, hypothesis: Hypothesis
         positions = [p for p in positions if p != tuple(exclude)]
     rng = np.random.default_rng(seed)
     chosen = [positions[i] for i in rng.permutation(len(positions))[:samples]]
-    ids = _ids(captioner)
     base = image.convert("RGB")
     batch_size = max(1, int(batch_size))
     pending = [base] + [occlude(base, r, grid) for r in chosen]   # the original rides in the first batch
     probs: list[float] = []
     for start in range(0, len(pending), batch_size):
         for f in captioner.encode(pending[start:start + batch_size]):
-            scored = score_tokens(captioner.model, f, hypothesis.token_ids, include_end=hypothesis.finished, **ids)
+            scored = score_tokens(captioner.model, f, hypothesis.token_ids, include_end=hypothesis.finished)
             probs.append(float(np.exp(scored.logprobs[word_index])))
     return BaselineResult(chosen, [probs[0] - p for p in probs[1:]], probs[0])

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core import decoding as dec
 from core.decoding import NEG_INF, DecodingConfig, Hypothesis, length_penalty_factor
+from core.decoding_rules import block_repeated_ngrams, check_features, eval_mode, log_probs
 from core.errors import ConfigError
 from core.model import DecoderState
+from core.text import END_ID, START_ID
 
 
 @dataclass
@@ -71,18 +72,13 @@ class _Beam:
                           finished, score)
 
 
-def _ids(unk_id: int | None, start_id: int, pad_id: int) -> list[int]:
-    return dec._banned(pad_id, start_id, unk_id)
-
-
-def _forced_prefix(model, features: Tensor, prefix: list[int], banned: list[int], start_id: int):
+def _forced_prefix(model, features: Tensor, prefix: list[int]):
     """Feed <start> + prefix; returns the beam of the prefix and the state after it (and the next logits)."""
     state = model.init_state(features)
     beam = _Beam([], [], [], [])
-    token = start_id
-    logits, alpha, beta, state = model.step(torch.tensor([token], device=features.device), state)
+    logits, alpha, beta, state = model.step(torch.tensor([START_ID], device=features.device), state)
     for word in prefix:
-        lp = dec._log_probs(logits, banned)[0, word]
+        lp = log_probs(logits)[0, word]
         if not torch.isfinite(lp):
             raise ConfigError(f"the prefix contains a token the decoder can never produce (id {word})")
         beam = beam.extend(word, float(lp), alpha[0].float().cpu().numpy(), float(beta[0, 0]))
@@ -91,13 +87,11 @@ def _forced_prefix(model, features: Tensor, prefix: list[int], banned: list[int]
 
 
 def trace_beam_search(model, features: Tensor, config: DecodingConfig, *, prefix: list[int] | None = None,
-                      start_id: int = 1, end_id: int = 2, pad_id: int = 0, unk_id: int | None = None,
                       pruned: int = 3) -> BeamTrace:
     """Beam search of one image's (L, C) or (1, L, C) features, recorded step by step (see the module doc)."""
-    config.validate()
     if features.dim() == 2:
         features = features.unsqueeze(0)
-    features = dec._check_inputs(model, features, config)
+    features = check_features(model, features)
     if features.shape[0] != 1:
         raise ConfigError(f"trace_beam_search takes one image, got {features.shape[0]}")
     prefix = list(prefix or [])
@@ -105,17 +99,16 @@ def trace_beam_search(model, features: Tensor, config: DecodingConfig, *, prefix
     if len(prefix) >= T:
         raise ConfigError(f"the prefix has {len(prefix)} words but max_length is {T} tokens including <end>")
     L, V = features.shape[1], model.config.vocab_size
-    banned = _ids(unk_id, start_id, pad_id)
     steps: list[BeamStep] = []
     pool: list[tuple[float, _Beam]] = []                 # finished (score, beam), best first, at most K
-    with dec._eval_mode(model):
-        root, state, logits, alpha, beta = _forced_prefix(model, features, prefix, banned, start_id)
+    with eval_mode(model):
+        root, state, logits, alpha, beta = _forced_prefix(model, features, prefix)
         beams = [root]
         ran_out = False
         for t in range(len(prefix), T):
-            logp = dec._log_probs(logits, banned)                                       # (k, V)
+            logp = log_probs(logits)                                                    # (k, V)
             history = torch.tensor([b.tokens for b in beams], dtype=torch.long, device=features.device)
-            allowed = dec._block_repeated_ngrams(logp, history.view(len(beams), -1), config.no_repeat_ngram_size)
+            allowed = block_repeated_ngrams(logp, history.view(len(beams), -1), config.no_repeat_ngram_size)
             prev = torch.tensor([b.total for b in beams], device=features.device, dtype=logp.dtype)
             top_score, top_idx = (prev.unsqueeze(1) + allowed).view(-1).topk(min(2 * K + pruned, len(beams) * V))
             alphas = alpha.float().cpu().numpy()
@@ -126,12 +119,12 @@ def trace_beam_search(model, features: Tensor, config: DecodingConfig, *, prefix
                 row, word = divmod(idx, V)
                 child = beams[row].extend(word, float(logp[row, word]), alphas[row], float(beta[row, 0]))
                 node = BeamNode(child.tokens, score, score / length_penalty_factor(len(child.tokens), lp_alpha),
-                                alphas[row], row, finished=word == end_id)
+                                alphas[row], row, finished=word == END_ID)
                 if rank >= 2 * K:
                     if len(cut) < pruned:
                         cut.append(node)
                     continue
-                if word == end_id:
+                if word == END_ID:
                     if rank < K:
                         finished_now.append(node)
                         pool.append((node.score, child))
@@ -166,26 +159,25 @@ def trace_beam_search(model, features: Tensor, config: DecodingConfig, *, prefix
     return BeamTrace(steps, hypotheses, prefix)
 
 
-def _sample_from_prefix(model, features: Tensor, config: DecodingConfig, prefix: list[int], *, start_id: int,
-                        end_id: int, banned: list[int]) -> list[Hypothesis]:
+def _sample_from_prefix(model, features: Tensor, config: DecodingConfig, prefix: list[int]) -> list[Hypothesis]:
     """num_return_sequences samples that all start with the prefix (temperature, top_k, seed honoured)."""
     generator = torch.Generator(device=features.device)
     generator.manual_seed(config.seed) if config.seed is not None else generator.seed()
-    root, state, logits, alpha, beta = _forced_prefix(model, features, prefix, banned, start_id)
+    root, state, logits, alpha, beta = _forced_prefix(model, features, prefix)
     out = []
     for _ in range(config.num_return_sequences):
         beam, s, lg, al, be = root, state, logits, alpha, beta
         finished = False
         for _t in range(len(prefix), config.max_length):
-            logp = dec._log_probs(lg, banned, config.temperature)
+            logp = log_probs(lg, config.temperature)
             history = torch.tensor([beam.tokens], dtype=torch.long, device=features.device).view(1, -1)
-            scores = dec._block_repeated_ngrams(logp, history, config.no_repeat_ngram_size)
+            scores = block_repeated_ngrams(logp, history, config.no_repeat_ngram_size)
             if 0 < config.top_k < scores.shape[1]:
                 kth = scores.topk(config.top_k, dim=1).values[:, -1:]
                 scores = scores.masked_fill(scores < kth, NEG_INF)
             word = int(torch.multinomial(scores.softmax(dim=1), 1, generator=generator))
             beam = beam.extend(word, float(logp[0, word]), al[0].float().cpu().numpy(), float(be[0, 0]))
-            if word == end_id:
+            if word == END_ID:
                 finished = True
                 break
             lg, al, be, s = model.step(torch.tensor([word], device=features.device), s)
@@ -194,19 +186,15 @@ def _sample_from_prefix(model, features: Tensor, config: DecodingConfig, prefix:
     return sorted(out, key=lambda h: -h.score)
 
 
-def continue_caption(model, features: Tensor, config: DecodingConfig, prefix: list[int], *, start_id: int = 1,
-                     end_id: int = 2, pad_id: int = 0, unk_id: int | None = None) -> list[Hypothesis]:
+def continue_caption(model, features: Tensor, config: DecodingConfig, prefix: list[int]) -> list[Hypothesis]:
     """n-best captions that start with `prefix` (word ids), decoded with `config` from there on."""
-    config.validate()
     if not prefix:
         raise ConfigError("the prefix is empty: type the first words of the caption")
-    if config.do_sample:
+    if config.mode == "sample":
         if len(prefix) >= config.max_length:
             raise ConfigError(f"the prefix has {len(prefix)} words but max_length is {config.max_length} "
                               "tokens including <end>")
-        feats = dec._check_inputs(model, features.unsqueeze(0) if features.dim() == 2 else features, config)
-        with dec._eval_mode(model):
-            return _sample_from_prefix(model, feats, config, list(prefix), start_id=start_id, end_id=end_id,
-                                       banned=_ids(unk_id, start_id, pad_id))
-    return trace_beam_search(model, features, config, prefix=prefix, start_id=start_id, end_id=end_id,
-                             pad_id=pad_id, unk_id=unk_id).hypotheses
+        feats = check_features(model, features.unsqueeze(0) if features.dim() == 2 else features)
+        with eval_mode(model):
+            return _sample_from_prefix(model, feats, config, list(prefix))
+    return trace_beam_search(model, features, config, prefix=prefix).hypotheses

@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
                               length_penalty=args.length_penalty, max_length=args.max_length,
                               no_repeat_ngram_size=args.no_repeat_ngram, do_sample=args.sample,
                               temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    decoding.validate()
     captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
                                           encoder_weights=args.encoder_weights)
     if args.score is not None or args.prefix is not None:
@@ -86,7 +85,7 @@ def _typed_caption(captioner: Captioner, args: argparse.Namespace, decoding: Dec
     text = args.score if args.score is not None else args.prefix
     prepared = scoring.prepare_caption(text, captioner.vocab, allow_oov=args.score is not None,
                                        what="caption" if args.score is not None else "prefix")
-    v, failed = captioner.vocab, 0
+    failed = 0
     for path in args.images:
         try:
             feats = captioner.features(path, name=path)[0]
@@ -94,9 +93,7 @@ def _typed_caption(captioner: Captioner, args: argparse.Namespace, decoding: Dec
             if args.score is not None:
                 out = _score_json(captioner, feats, text, best)
             else:
-                hyps = beam_trace.continue_caption(captioner.model, feats, decoding, prepared.token_ids,
-                                                   start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id,
-                                                   unk_id=v.unk_id)
+                hyps = beam_trace.continue_caption(captioner.model, feats, decoding, prepared.token_ids)
                 words = [captioner.words(h) for h in hyps]
                 out = {"prefix": " ".join(prepared.words), "caption": " ".join(words[0]),
                        "hypotheses": [{"caption": " ".join(w), "logprob": h.logprob, "score": h.score,

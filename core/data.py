@@ -64,6 +64,11 @@ class CaptionDataset:
             raise DataError(f"{self.root}: no split {name!r} (available: {available})")
         return self.splits[name]
 
+    @property
+    def browse_split(self) -> str | None:
+        """The split the dashboard shows: "dev", else the first one there is (None for no splits)."""
+        return "dev" if "dev" in self.splits else next(iter(self.splits), None)
+
 
 def normalise_image_name(name: str) -> str:
     """Map the pseudo-entry "x.jpg.1" to the real file "x.jpg"; other names unchanged."""

@@ -113,7 +113,6 @@ def run_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingConfi
     contiguous shard and every rank gets the merged rows back (rank order = image order). `cache` (a
     core.corpus.CaptionCache) keeps finished results keyed by everything that determines them."""
     config.validate()
-    decoding.validate()
     names = [it.image for it in items]
     key = None
     if cache is not None:
@@ -243,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     config = FaithfulnessConfig(space=args.space, seeds=args.seeds, step=args.step)
     decoding = DecodingConfig(beam_size=args.beam, max_length=args.max_length, length_penalty=args.length_penalty)
     config.validate()
-    decoding.validate()
     items = load_dataset(args.data).split(args.split)[: args.limit]
     captioner = Captioner.from_checkpoint(args.checkpoint, encoder_weights=args.encoder_weights,
                                           device="cuda" if torch.cuda.is_available() else "cpu")

@@ -59,6 +59,15 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def mtime_ns(path: str | Path) -> int:
+    """The file's modification time in ns, 0 if it cannot be read: part of cache keys, so a replaced file
+    is read again."""
+    try:
+        return Path(path).stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

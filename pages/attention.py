@@ -9,11 +9,11 @@ import streamlit as st
 from core import analysis
 from core.errors import CaptionScopeError
 from core.images import fit_for_display
-from ui import cache, evidence, state, widgets
+from ui import cache, evidence, sidebar, state, widgets
 
 COLORMAPS = ["jet", "viridis", "magma", "inferno", "plasma", "turbo", "gray"]
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Attention")
 captioner = state.require_captioner()
 decoding = state.decoding()
@@ -25,7 +25,7 @@ with pick:
 if item is None:
     st.stop()
 try:
-    decoded, image = cache.caption(captioner, item, decoding)
+    decoded = cache.caption(captioner, item, decoding)
 except CaptionScopeError as e:
     st.error(str(e))
     st.stop()
@@ -44,7 +44,8 @@ hyp = decoded.hypotheses[h]
 tokens = decoded.tokens(h)
 attention = hyp.attention
 steps = len(tokens)
-dec = decoding.to_dict()
+key = cache.CaptionKey.of(captioner, item, decoding)
+image = decoded.image
 sig = hashlib.sha1(f"{item.key}|{h}|{' '.join(tokens)}".encode()).hexdigest()[:12]
 pill_key, slider_key = f"att_word_pill_{sig}", f"att_word_slider_{sig}"
 requested = st.session_state.pop("att_requested_word", None)     # from the Faithfulness page's word links
@@ -106,16 +107,14 @@ with view:
 
 # -- every word ----------------------------------------------------------------------------------------------
 st.subheader("All words")
-grid_png = cache.attention_grid_png(captioner.checkpoint_id, item.key, dec, h, opacity, cmap, smooth, 5,
-                                    image, decoded.words[h], attention, grid)
+style = cache.HeatmapStyle(opacity=opacity, cmap=cmap, smooth=smooth)
+grid_png = cache.attention_grid_png(key, h, style, decoded, grid)
 st.image(grid_png, width="stretch")
 stem = item.name.rsplit(".", 1)[0]
 d1, d2, _ = st.columns([1, 1, 3])
 d1.download_button("Grid (PNG)", grid_png, file_name=f"{stem}-attention.png", mime="image/png",
                    icon=":material/download:", on_click="ignore", width="stretch")
-d2.download_button("Animation (GIF)", lambda: cache.attention_gif(
-                       captioner.checkpoint_id, item.key, dec, h, opacity, cmap, smooth, image,
-                       decoded.words[h], attention, grid),
+d2.download_button("Animation (GIF)", lambda: cache.attention_gif(key, h, style, decoded, grid),
                    file_name=f"{stem}-attention.gif", mime="image/gif", icon=":material/download:",
                    on_click="ignore", width="stretch")
 
@@ -139,7 +138,7 @@ with c2:
     st.altair_chart(selected + line, width="stretch")
     st.caption("β gate: the share of the attended context passed to the decoder at each word.")
 
-key = {"sig": sig, "item": item.key, "decoding": dec, "h": h}
+faith = {"sig": sig, "item": item.key, "decoding": decoding.to_dict(), "h": h}
 features = cache.features(captioner, item)
 look = {"opacity": opacity, "cmap": cmap, "smooth": smooth}
 
@@ -166,7 +165,7 @@ if st.session_state.get("att_occlusion_request") != request:
              caption=f"Region to grey out: rows {region[0] + 1}–{region[2]}, columns {region[1] + 1}–{region[3]} "
                      f"({analysis.region_mass(attention[t], grid, region):.0%} of this word's attention)")
 else:
-    result = cache.occlusion(captioner.checkpoint_id, item.key, dec, h, t, region, captioner, image, hyp)
+    result = cache.occlusion(key, h, t, region, captioner, decoded)
     c1, c2 = st.columns([1, 2])
     c1.image(fit_for_display(result.image), caption=f"Occluded: {result.attention_mass:.0%} of the word's attention",
              width="stretch")
@@ -178,14 +177,14 @@ else:
         st.markdown(f"**Caption before:** {result.caption_before}  \n**Caption after:** {result.caption_after}")
         if result.caption_before == result.caption_after:
             st.caption("Same caption after occlusion.")
-        evidence.render_random_baseline(captioner, image, hyp, key, t, result.region, result.drop)
+        evidence.render_random_baseline(captioner, image, hyp, faith, t, result.region, result.drop)
 
 # -- faithfulness, scoring, prefix forcing, the beam search ------------------------------------------------------
 st.subheader("Is this attention faithful?")
-evidence.render_faithfulness(captioner, image, features, hyp, key, t, **look)
+evidence.render_faithfulness(captioner, image, features, hyp, faith, t, **look)
 st.subheader("Score a caption")
-evidence.render_score(captioner, image, features, hyp, decoded.words[h], key, **look)
+evidence.render_score(captioner, image, features, hyp, decoded.words[h], faith, **look)
 st.subheader("Force a prefix")
-evidence.render_prefix(captioner, image, features, decoding, key, **look)
+evidence.render_prefix(captioner, image, features, decoding, faith, **look)
 st.subheader("Beam search, step by step")
-evidence.render_beam(captioner, image, features, decoding, key, **look)
+evidence.render_beam(captioner, image, features, decoding, faith, **look)

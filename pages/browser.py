@@ -9,7 +9,7 @@ from core.errors import CaptionScopeError
 from core.images import fit_for_display
 from core.io_utils import printable_name
 from core.metrics import METRIC_NAMES
-from ui import cache, state, widgets
+from ui import cache, sidebar, state, widgets
 from ui.cache import ImageInput
 
 SORTS = {
@@ -23,12 +23,12 @@ WHERE = {"references and caption": "both", "references": "references", "caption"
 P = state.PERSIST
 REFERENCES_PER_PAGE = 20
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Flickr8K browser")
 captioner = state.require_captioner()
 dataset, split, items = state.require_dev_split()
 decoding = state.decoding()
-if not decoding.do_sample:
+if decoding.mode != "sample":
     decoding = dataclasses.replace(decoding, num_return_sequences=1)   # same cache entries as the sweep
 
 try:
@@ -103,7 +103,8 @@ name = st.selectbox("Image (or select a row above)", names, key=detail_key, form
 entry = rows[rows["image"] == name].iloc[0]
 try:
     item = ImageInput.from_path(entry["path"], "flickr8k")
-    decoded, image = cache.caption(captioner, item, decoding)
+    decoded = cache.caption(captioner, item, decoding)
+    image = decoded.image
 except CaptionScopeError as e:
     st.error(str(e))
     st.stop()
@@ -127,6 +128,6 @@ st.markdown("**Attention of each word**")
 if decoded.caption != predictions[name]["caption"]:
     st.caption(f"Decoded from the image file: “{decoded.caption}” (the split run used the cached float16 "
                "features, which can tip a close decision).")
-grid_png = cache.attention_grid_png(captioner.checkpoint_id, item.key, decoding.to_dict(), 0, 0.5, "jet", True, 5,
-                                    image, decoded.words[0], decoded.hypotheses[0].attention, captioner.grid)
+grid_png = cache.attention_grid_png(cache.CaptionKey.of(captioner, item, decoding), 0, cache.HeatmapStyle(),
+                                    decoded, captioner.grid)
 st.image(grid_png, width="stretch")

@@ -7,11 +7,11 @@ import streamlit as st
 
 from core import faithfulness
 from core.errors import CaptionScopeError
-from ui import cache, state, widgets
+from ui import cache, settings, sidebar, state, widgets
 
 SPACES = {"Feature space": "feature", "Pixel space": "pixel"}
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Faithfulness")
 captioner = state.require_captioner()
 dataset, split, items = state.require_dev_split()
@@ -38,7 +38,7 @@ if st.session_state.get("faith_request") != request:
 
 bar = st.progress(0.0, text="Deletion curves…")
 try:
-    rows = faithfulness.run_split(captioner, items[:n], decoding, config, features_dir=state.features_dir(),
+    rows = faithfulness.run_split(captioner, items[:n], decoding, config, features_dir=settings.features_dir(),
                                   split=split, cache=cache.caption_cache(),
                                   progress=lambda d, t: bar.progress(d / max(t, 1), text=f"Deletion curves… {d}/{t} images"))
 except CaptionScopeError as e:

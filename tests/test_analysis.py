@@ -129,7 +129,7 @@ def test_score_tokens_reproduces_decoder_logprobs(captioner, tiny_image, beam):
     feats = captioner.encode([tiny_image])[0]
     hyp = captioner.decode(feats[None], DecodingConfig(beam_size=beam))[0][0]
     assert hyp.finished and hyp.token_ids
-    scored = score_tokens(captioner.model, feats, hyp.token_ids, unk_id=captioner.vocab.unk_id)
+    scored = score_tokens(captioner.model, feats, hyp.token_ids)
     assert scored.token_ids == hyp.token_ids + [captioner.vocab.end_id]
     np.testing.assert_allclose(scored.logprobs, hyp.token_logprobs, atol=1e-5)
     np.testing.assert_allclose(scored.attention, hyp.attention, atol=1e-5)

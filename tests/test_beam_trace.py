@@ -9,7 +9,8 @@ import torch
 from core.beam_trace import continue_caption, trace_beam_search
 from core.decoding import DecodingConfig, beam_search
 from core.errors import ConfigError
-from test_decoding import END, UNK, make_model
+from test_decoding import make_model
+from core.text import END_ID as END, UNK_ID as UNK
 
 CONFIGS = [DecodingConfig(beam_size=1, max_length=12), DecodingConfig(beam_size=3, max_length=12),
            DecodingConfig(beam_size=5, num_return_sequences=3, length_penalty=0.8, max_length=10),
@@ -34,16 +35,16 @@ def same(a, b) -> bool:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"K{c.beam_size}n{c.num_return_sequences}T{c.max_length}")
 def test_final_hypotheses_equal_beam_search(model, features, config):
-    expected = beam_search(model, features, config, unk_id=UNK)
+    expected = beam_search(model, features, config)
     for i in range(len(features)):
-        trace = trace_beam_search(model, features[i], config, unk_id=UNK)
+        trace = trace_beam_search(model, features[i], config)
         assert len(trace.hypotheses) == len(expected[i])
         assert all(same(a, b) for a, b in zip(trace.hypotheses, expected[i])), i
 
 
 @pytest.mark.parametrize("config", CONFIGS[1:3], ids=["K3", "K5"])
 def test_steps_record_kept_pruned_and_finished(model, features, config):
-    trace = trace_beam_search(model, features[0], config, unk_id=UNK, pruned=4)
+    trace = trace_beam_search(model, features[0], config, pruned=4)
     K = config.beam_size
     assert trace.steps and trace.steps[0].t == 0
     for prev, step in zip([None] + trace.steps[:-1], trace.steps):
@@ -72,22 +73,22 @@ def test_forcing_the_first_k_tokens_reproduces_the_result(tiny_checkpoint, tiny_
         best = captioner.decode(feats[None], config)[0][0]
         assert best.finished and len(best.token_ids) > 3
         for k in range(1, len(best.token_ids) + 1):
-            forced = continue_caption(captioner.model, feats, config, best.token_ids[:k], unk_id=UNK)[0]
+            forced = continue_caption(captioner.model, feats, config, best.token_ids[:k])[0]
             assert same(forced, best), (k, captioner.words(best), captioner.words(forced))
 
 
 def test_forcing_a_prefix_keeps_it_and_applies_the_settings(model, features):
     config = DecodingConfig(beam_size=3, num_return_sequences=2, max_length=9)
-    hyps = continue_caption(model, features[1], config, [5, 6], unk_id=UNK)
+    hyps = continue_caption(model, features[1], config, [5, 6])
     assert len(hyps) == 2 and all(h.token_ids[:2] == [5, 6] for h in hyps)
     assert all(h.length <= 9 for h in hyps) and hyps[0].score >= hyps[1].score
     sampled = DecodingConfig(do_sample=True, seed=4, num_return_sequences=3, max_length=9)
-    a = continue_caption(model, features[1], sampled, [5, 6], unk_id=UNK)
-    b = continue_caption(model, features[1], sampled, [5, 6], unk_id=UNK)
+    a = continue_caption(model, features[1], sampled, [5, 6])
+    b = continue_caption(model, features[1], sampled, [5, 6])
     assert [h.token_ids for h in a] == [h.token_ids for h in b] and all(h.token_ids[:2] == [5, 6] for h in a)
     with pytest.raises(ConfigError, match="prefix has 9 words but max_length is 9"):
-        continue_caption(model, features[1], config, [5] * 9, unk_id=UNK)
+        continue_caption(model, features[1], config, [5] * 9)
     with pytest.raises(ConfigError, match="prefix is empty"):
-        continue_caption(model, features[1], config, [], unk_id=UNK)
+        continue_caption(model, features[1], config, [])
     with pytest.raises(ConfigError, match="can never produce"):
-        continue_caption(model, features[1], config, [UNK], unk_id=UNK)
+        continue_caption(model, features[1], config, [UNK])

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps
 
-from tests.browser import (
+from tests.browser_harness import (
     BUNDLED as BUNDLED_CHECKPOINT,
     CHECKPOINT_NAME,
     REPO,
@@ -197,7 +197,7 @@ def test_bad_upload_shows_error_in_place(server, browser, expected, photo):
 
 
 def test_deep_link_as_first_request_of_a_fresh_server(expected, tiny_flickr, tmp_path_factory, browser):
-    """A `pages/` folder starts a server in Streamlit's legacy folder mode: without ui.state's fix the first
+    """A `pages/` folder starts a server in Streamlit's legacy folder mode: without ui.sidebar's fix the first
     request, if a deep link, got a sidebar of file names ('attention', 'beams', 'dashboard' ...)."""
     env = {"CAPTIONSCOPE_CHECKPOINT_DIR": str(expected[0]), "FLICKR8K_DIR": str(tiny_flickr),
            "CAPTIONSCOPE_FEATURES_DIR": str(tmp_path_factory.mktemp("no_features_deep"))}

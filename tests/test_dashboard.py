@@ -4,7 +4,7 @@ Uses the bundled checkpoint when it is there (else the tiny trained one from con
 temporary checkpoint folder together with its training log, a made-up `.eval.json` and a README, so the
 model card has everything to show. FLICKR8K_DIR points at the 8-image `tiny_flickr` fixture and every
 cache goes to tmp. Page switching: `pages/` makes AppTest run each page file on its own, which is why
-every page draws the shared sidebar itself (ui.state.page_setup).
+every page draws the shared sidebar itself (ui.sidebar.page_setup).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from browser import checkpoint_folder
+from browser_harness import checkpoint_folder
 from PIL import Image
 
 from streamlit.testing.v1 import AppTest
@@ -114,13 +114,13 @@ def test_caption_bad_upload_keeps_the_others(env):
 
 
 def test_attention_words_grid_and_occlusion(env):
-    from core.analysis import END_TOKEN
+    from core.text import END
     from core.captioner import Captioner
     at = start("attention")
     decoding = at.session_state["decoding"]
     expected = Captioner.from_checkpoint(env / "captionscope-lite2.safetensors").caption(EXAMPLE, decoding)
     hyp = expected.hypotheses[0]
-    tokens = expected.words[0] + ([END_TOKEN] if hyp.finished else [])
+    tokens = expected.words[0] + ([END] if hyp.finished else [])
     words = widget(at.pills, "Word")
     assert len(words.options) == len(tokens) == hyp.attention.shape[0]
     assert [o.replace("\u200b", "") for o in words.options] == tokens
@@ -303,7 +303,7 @@ def test_upload_limits_checkpoints_200_mb_images_20_mb(env):
     the checkpoint limit and each image uploader asks the browser for the 20 MB image limit."""
     import tomllib
 
-    from ui.state import MAX_CHECKPOINT_UPLOAD_MB
+    from ui.sidebar import MAX_CHECKPOINT_UPLOAD_MB
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["server"]["maxUploadSize"] == MAX_CHECKPOINT_UPLOAD_MB == 200
     bundled = REPO / "checkpoints" / "captionscope-lite2.safetensors"

@@ -127,7 +127,7 @@ def test_attention_page_uses_the_upright_exif_image(env):
 @pytest.mark.parametrize("crafted", ["../outside/elsewhere.safetensors", "/etc/passwd",
                                      "..%2Felsewhere.safetensors", "sub/../../elsewhere.safetensors"])
 def test_checkpoint_picker_rejects_crafted_paths(env, crafted):
-    from ui.state import BUNDLED, CheckpointChoice
+    from ui.settings import BUNDLED, CheckpointChoice
     folder, outside = env
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     # a forged choice object in the session is replaced on the next run: pages only load from the folder

@@ -50,16 +50,12 @@ def score(checkpoint_id: str, content_key: str, text: str, _captioner, _features
 @st.cache_data(max_entries=64, show_spinner="Continuing the caption…")
 def continuation(checkpoint_id: str, content_key: str, decoding: dict, prefix: tuple[int, ...], _captioner,
                  _features) -> list[Hypothesis]:
-    v = _captioner.vocab
-    return beam_trace.continue_caption(_captioner.model, _features, DecodingConfig.from_dict(decoding), list(prefix),
-                                       start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id, unk_id=v.unk_id)
+    return beam_trace.continue_caption(_captioner.model, _features, DecodingConfig.from_dict(decoding), list(prefix))
 
 
 @st.cache_data(max_entries=32, show_spinner="Tracing the beam search…")
 def trace(checkpoint_id: str, content_key: str, decoding: dict, _captioner, _features) -> beam_trace.BeamTrace:
-    v = _captioner.vocab
-    return beam_trace.trace_beam_search(_captioner.model, _features, DecodingConfig.from_dict(decoding),
-                                        start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id, unk_id=v.unk_id)
+    return beam_trace.trace_beam_search(_captioner.model, _features, DecodingConfig.from_dict(decoding))
 
 
 # -- rendering ---------------------------------------------------------------------------------------------------------
