@@ -16,11 +16,11 @@ from typing import BinaryIO, Sequence
 import torch
 from PIL import Image
 
-from core.checkpoint import load_checkpoint
+from core.checkpoint import Checkpoint, load_checkpoint
 from core.checkpoint_metadata import CheckpointMetadata
 from core.decoding import DecodingConfig, Hypothesis, generate
-from core.encoders import Encoder, build_encoder
-from core.errors import CaptionScopeError
+from core.encoders import Encoder, build_trained_encoder
+from core.errors import CaptionScopeError, CheckpointError, ConfigError
 from core.io_utils import sha256_file
 from core.images import ImageLimits, content_hash, load_image, read_source_bytes
 from core.model import ShowAttendTell
@@ -55,6 +55,14 @@ class CaptionFailure:
     error: str                              # one line for the user
 
 
+def checkpoint_encoder(ckpt: Checkpoint, weights: str | Path = "imagenet") -> Encoder:
+    """The encoder `ckpt` was trained with (input size, fine-tuned tensors on top of `weights`)."""
+    try:
+        return build_trained_encoder(ckpt.encoder, ckpt.encoder_state, weights)
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
+
+
 class Captioner:
     def __init__(self, model: ShowAttendTell, vocab: Vocabulary, encoder: Encoder, *,
                  metadata: CheckpointMetadata | None = None, path: Path | None = None, device: str = "cpu",
@@ -74,22 +82,29 @@ class Captioner:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = load_checkpoint(path)
         enc_meta = ckpt.encoder
-        encoder = build_encoder(enc_meta["name"], encoder_weights or "imagenet")
-        if ckpt.encoder_state:
-            encoder.backbone.load_state_dict(ckpt.encoder_state, strict=True)
+        encoder = checkpoint_encoder(ckpt, encoder_weights or "imagenet")
+        whole_backbone = bool(ckpt.encoder_state) and not enc_meta.get("tail_stages")   # a tail sits on the base
         match = (not enc_meta.get("weights_sha256") or encoder.weights_sha256 == enc_meta["weights_sha256"]
-                 or bool(ckpt.encoder_state))
+                 or whole_backbone)
         return cls(ckpt.model, ckpt.vocab, encoder, metadata=ckpt.metadata, path=Path(path), device=device,
                    checkpoint_sha256=sha256_file(path), encoder_weights_match=match)
 
     # -- facts the UIs show ----------------------------------------------------------------------
+    @property
+    def encoder_meta(self) -> dict:
+        """The checkpoint's encoder metadata (name, weights sha256, image size, fine-tuned tail)."""
+        if self.metadata is not None:
+            return self.metadata.encoder
+        return {"name": self.encoder_name, "fine_tuned": False, "weights_sha256": self.encoder.weights_sha256,
+                "image_size": self.encoder.spec.image_size}
+
     @property
     def encoder_name(self) -> str:
         return self.encoder.spec.name
 
     @property
     def encoder_sha256(self) -> str | None:
-        return self._encoder_meta.get("weights_sha256") or self.encoder.weights_sha256
+        return self.encoder_meta.get("weights_sha256") or self.encoder.weights_sha256
 
     @property
     def checkpoint_id(self) -> str:
@@ -98,11 +113,7 @@ class Captioner:
 
     @property
     def fine_tuned(self) -> bool:
-        return bool(self._encoder_meta.get("fine_tuned"))
-
-    @property
-    def _encoder_meta(self) -> dict:
-        return self.metadata.encoder if self.metadata is not None else {}
+        return bool(self.encoder_meta.get("fine_tuned"))
 
     def default_decoding(self) -> DecodingConfig:
         """The checkpoint's default decoding settings (library defaults without a checkpoint)."""

@@ -13,7 +13,9 @@ Metadata keys (all strings; the structured ones hold JSON):
     dtype           "float16" | "bfloat16" | "float32": storage dtype of the weights
     model_config    JSON: `ModelConfig.to_dict()`
     vocab           JSON: `Vocabulary.to_dict()`
-    encoder         JSON: {name, weights_sha256, weights_source, fine_tuned}
+    encoder         JSON: {name, weights_sha256, weights_source, fine_tuned, image_size, grid, tail_stages}
+                    (image_size 224 / grid 7 when absent; tail_stages: how many of the encoder's last
+                    stages the "encoder." tensors hold, 0 = the whole backbone)
     training        JSON: summary dict (epochs, best score, data, ...)
     decoding        JSON: default `DecodingConfig` dict ({} = library defaults)
     tensors_sha256  sha256 of the tensor-data section, so silent corruption is caught on load
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 from core.checkpoint_metadata import FORMAT, FORMAT_VERSION, CheckpointMetadata, parse_metadata
+from core.encoders import grid_for
 from core.errors import CaptionScopeError, CheckpointError
 from core.io_utils import atomic_write_bytes, sha256_bytes
 from core.model import ModelConfig, ShowAttendTell
@@ -238,6 +241,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     stored = {name: (tuple(e["shape"]), e["dtype"]) for name, e in header.items() if name != "__metadata__"}
     decoder_stored = {k: v for k, v in stored.items() if not k.startswith(ENCODER_PREFIX)}
     _check_weights_match(path, config, decoder_stored)
+    side = grid_for(meta.encoder.get("image_size", 224))
+    recorded = "grid" in meta.encoder or "image_size" in meta.encoder   # older files record neither
+    if recorded and config.num_regions != side * side:
+        raise CheckpointError(f"{path}: model_config.num_regions is {config.num_regions} but the encoder's "
+                              f"{meta.encoder.get('image_size', 224)} px input gives {side}x{side} = "
+                              f"{side * side} regions")
     has_encoder = len(decoder_stored) < len(stored)
     if meta.encoder["fine_tuned"] != has_encoder:
         raise CheckpointError(f"{path}: metadata says encoder fine_tuned={meta.encoder['fine_tuned']} "

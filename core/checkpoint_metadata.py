@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from core.decoding import DecodingConfig
+from core.encoders import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, grid_for
 from core.errors import CaptionScopeError, CheckpointError
 
 FORMAT = "captionscope-checkpoint"
@@ -98,5 +99,15 @@ def _check_encoder_meta(path: Path, enc: dict) -> None:
     for key in ("weights_sha256", "weights_source"):
         if enc.get(key) is not None and not isinstance(enc[key], str):
             raise CheckpointError(f"{path}: metadata 'encoder.{key}' must be a string or null")
+    size, grid, tail = enc.get("image_size", 224), enc.get("grid"), enc.get("tail_stages", 0)
+    if type(size) is not int or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise CheckpointError(f"{path}: metadata 'encoder.image_size' must be an integer in "
+                              f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}, got {size!r}")
+    if grid is not None and grid != grid_for(size):
+        raise CheckpointError(f"{path}: metadata 'encoder.grid' is {grid!r} but a {size} px input gives a "
+                              f"{grid_for(size)}x{grid_for(size)} grid")
+    if type(tail) is not int or tail < 0 or (tail and not enc["fine_tuned"]):
+        raise CheckpointError(f"{path}: metadata 'encoder.tail_stages' must be an integer >= 0, and 0 unless "
+                              f"the encoder is fine_tuned; got {tail!r}")
 
 

@@ -30,7 +30,7 @@ import torch
 from core.data import ImageCaptions
 from core.decoding import DecodingConfig, Hypothesis, generate
 from core.errors import ConfigError, DataError
-from core.features import FeatureStore, open_features
+from core.features import FeatureStore, model_features
 from core.images import load_image
 from core.io_utils import atomic_write_json
 from core.metrics import METRIC_NAMES, Scores, score_captions
@@ -153,10 +153,10 @@ def _cacheable(decoding: DecodingConfig) -> bool:
 
 
 def _open_store(captioner, features_dir: str | Path | None, split: str) -> FeatureStore | None:
-    if features_dir is None or captioner.fine_tuned:   # a fine-tuned encoder makes other features
+    if features_dir is None:
         return None
-    try:
-        return open_features(features_dir, captioner.encoder_name, split, weights_sha256=captioner.encoder_sha256)
+    try:   # a wholly fine-tuned encoder makes other features than any cache: DataError too
+        return model_features(captioner.encoder_meta, features_dir, split, captioner.encoder)
     except DataError:
         return None
 

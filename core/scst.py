@@ -35,6 +35,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
 from core.checkpoint import load_checkpoint, save_checkpoint
@@ -43,7 +44,8 @@ from core.corpus import decode_store, score_split
 from core.data import load_dataset
 from core.decoding import DecodingConfig, greedy
 from core.errors import ConfigError, cli_main
-from core.features import open_features
+from core.encoders import build_trained_encoder
+from core.features import model_features
 from core.io_utils import atomic_write_text
 from core.metrics import simple_tokenize
 from core.model import ShowAttendTell
@@ -72,13 +74,23 @@ class _FixedIdfCiderScorer(CiderScorer):
     ref_len = property(lambda self: self._ref_len, lambda self, value: None)
 
 
+def sentence_bleu4(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
+    """pycocoevalcap's per-sentence BLEU-4 ("closest" reference length) of each candidate."""
+    scorer = BleuScorer(n=4)
+    for caption, refs in zip(candidates, references, strict=True):
+        scorer += (" ".join(simple_tokenize(caption)), [" ".join(simple_tokenize(r)) for r in refs])
+    _, per_sentence = scorer.compute_score(option="closest", verbose=0)
+    return np.asarray(per_sentence[3], dtype=np.float64)
+
+
 class CiderDReward:
     """CIDEr-D of candidate captions against the references of their image, idf from `references` (all images)."""
 
-    def __init__(self, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0):
+    def __init__(self, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0,
+                 bleu_weight: float = 0.0):
         if not references:
             raise ConfigError("CIDEr-D reward needs at least one image with references")
-        self.n, self.sigma = n, sigma
+        self.n, self.sigma, self.bleu_weight, self.references = n, sigma, bleu_weight, references
         self.crefs = {key: cook_refs([simple_tokenize(c) for c in caps], n) for key, caps in references.items()}
         df: dict = defaultdict(float)
         for refs in self.crefs.values():           # same counting as CiderScorer.compute_doc_freq
@@ -93,7 +105,10 @@ class CiderDReward:
         for caption, image in zip(candidates, images, strict=True):
             scorer.crefs.append(self.crefs[image])
             scorer.ctest.append(cook_test(simple_tokenize(caption), self.n))
-        return np.asarray(scorer.compute_cider(), dtype=np.float64)
+        cider = np.asarray(scorer.compute_cider(), dtype=np.float64)
+        if not self.bleu_weight:
+            return cider
+        return cider + self.bleu_weight * sentence_bleu4(candidates, [self.references[im] for im in images])
 
 
 # -- sampling with gradients -------------------------------------------------------------------------------
@@ -140,6 +155,8 @@ class ScstConfig:
     eval_beam: int = 3
     eval_limit: int = 0
     eval_every_steps: int = 0     # 0 = once per epoch
+    bleu_weight: float = 0.0      # reward = CIDEr-D + w * sentence BLEU-4: w > 0 favours n-gram precision of
+                                  # longer phrases, which CIDEr-D alone trades for shorter captions
     max_steps: int = 0
     seed: int = 0
     threads: int = 0
@@ -154,6 +171,8 @@ class ScstConfig:
             raise ConfigError("--batch-size, --samples, --epochs and --max-length must be >= 1 and --lr > 0")
         if min(self.max_steps, self.eval_every_steps, self.eval_limit) < 0:
             raise ConfigError("--max-steps, --eval-every-steps and --eval-limit must be >= 0")
+        if not math.isfinite(self.bleu_weight) or self.bleu_weight < 0:
+            raise ConfigError(f"--bleu-weight must be a finite number >= 0, got {self.bleu_weight}")
 
 
 def scst_step(model: ShowAttendTell, optimizer: torch.optim.Optimizer, reward: CiderDReward, vocab: Vocabulary,
@@ -208,14 +227,16 @@ class _ScstRun:
         self.model, self.vocab = self.init.model, self.init.vocab
         dataset = load_dataset(cfg.data)
         self.train_items, dev_items = dataset.split("train"), dataset.split("dev")
-        name, sha = self.init.encoder["name"], self.init.encoder.get("weights_sha256")
-        self.train_store = open_features(cfg.features, name, "train", weights_sha256=sha)
-        self.dev_store = open_features(cfg.features, name, "dev", weights_sha256=sha)
+        # a fine-tuned encoder tail is run (frozen) over the cache of activations that enter it
+        init = self.init
+        tail = build_trained_encoder(init.encoder, init.encoder_state, "none").eval() if init.encoder_state else None
+        self.train_store, self.dev_store = (model_features(init.encoder, cfg.features, split, tail)
+                                            for split in ("train", "dev"))
         self.row = self.train_store.index_of()
         missing = [it.image for it in self.train_items if it.image not in self.row]
         if missing:
             raise ConfigError(f"{len(missing)} train images have no cached features (first: {missing[0]})")
-        self.reward = CiderDReward({it.image: it.captions for it in self.train_items})
+        self.reward = CiderDReward({it.image: it.captions for it in self.train_items}, bleu_weight=cfg.bleu_weight)
         self.dev_eval = dev_items[: cfg.eval_limit] if cfg.eval_limit else dev_items
         self.decoding = DecodingConfig(**{**self.init.decoding, "beam_size": cfg.eval_beam, "num_return_sequences": 1})
         self.out = Path(cfg.out)
@@ -238,7 +259,8 @@ class _ScstRun:
                     "epoch": counters["epoch_value"], "steps": counters["steps"],
                     "dev": {"BLEU-4": dev[0], "CIDEr-D": dev[1]}, "init_dev": counters["init_dev"], "log": "log.jsonl"}
         save_checkpoint(path, self.model, self.vocab, encoder=self.init.encoder, training=training,
-                        decoding=self.decoding.to_dict(), dtype=dtype)
+                        decoding=self.decoding.to_dict(), dtype=dtype,
+                        encoder_state=self.init.encoder_state)   # a fine-tuned tail rides along
 
     def start(self) -> tuple[dict, list[str]]:
         """(counters, log lines): resumed from the last commit, or fresh with the init model scored and saved
@@ -267,7 +289,8 @@ class _ScstRun:
         order = torch.randperm(len(self.train_items),
                                generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
         images = [self.train_items[i].image for i in order[b * size:(b + 1) * size].tolist()]
-        return images, self.train_store.get(np.asarray([self.row[im] for im in images]))
+        with torch.no_grad():   # a fine-tuned tail runs here, frozen
+            return images, self.train_store.get(np.asarray([self.row[im] for im in images]))
 
     def commit(self, counters: dict, log_lines: list[str], window: dict, train_time: float) -> None:
         """Evaluate on dev, log one line, write best (if better) / last checkpoints and the train state."""

@@ -42,9 +42,9 @@ from core.corpus import decode_store, score_split
 from core.cli import add_config_arguments
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
-from core.encoders import ENCODERS, build_encoder
-from core.errors import ConfigError, cli_main
-from core.features import FeatureStore, LiveFeatures, open_features
+from core.encoders import build_encoder, encoder_spec, feature_key
+from core.errors import ConfigError, DataError, cli_main
+from core.features import FeatureStore, LiveFeatures, TailFeatures, cache_paths, open_features
 from core.io_utils import atomic_write_text, remove_stale_temp_files
 from core.model import ModelConfig, ShowAttendTell, caption_loss
 from core.text import Vocabulary, tokenize
@@ -74,13 +74,15 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0                # 0 = torch default
     max_steps: int = 0              # stop after this many optimiser steps (tests, benchmarks); 0 = no limit
-    fine_tune_blocks: int = 0       # > 0: also train the encoder's last N blocks, from the images (slow on CPU)
+    image_size: int = 224           # encoder input side in px; the attention grid is image_size / 32 (7 at 224)
+    fine_tune_blocks: int = 0       # > 0: also train the encoder's last N stages: from the activations cached by
+                                    # `core.features --tail-stages N` when present (cheap), else from the images
     encoder_weights: str = "imagenet"   # the encoder to fine-tune: imagenet | none | PATH
     encoder_lr: float = 1e-4
+    init: str = ""                  # start from this checkpoint's decoder (and vocabulary) instead of random
 
     def __post_init__(self) -> None:
-        if self.encoder not in ENCODERS:
-            raise ConfigError(f"unknown encoder {self.encoder!r}; choose one of: {', '.join(ENCODERS)}")
+        encoder_spec(self.encoder, self.image_size)   # a known encoder at a valid size, or a named error
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"--precision must be bf16 or fp32, got {self.precision!r}")
         if self.batch_size < 1 or self.epochs < 1 or not math.isfinite(self.lr) or self.lr <= 0:
@@ -194,15 +196,46 @@ def _device(cfg: TrainConfig, world: int) -> str:
 
 def _feature_stores(cfg: TrainConfig, train_items: list[ImageCaptions], dev_items: list[ImageCaptions],
                     device: str, world: int):
-    """(train store, dev store, trainable encoder or None): cached features, or live ones when fine-tuning."""
+    """(train store, dev store, trainable encoder or None). Frozen: the feature cache at the input size.
+    Fine-tuning the last N stages: the cache of activations entering them when it exists (a step then costs
+    those stages only), else the images, encoded at every step."""
     if cfg.fine_tune_blocks <= 0:
-        return open_features(cfg.features, cfg.encoder, "train"), open_features(cfg.features, cfg.encoder, "dev"), None
-    if world > 1:   # features change with the encoder: encode the images at every step
+        key = feature_key(cfg.encoder, cfg.image_size)
+        return open_features(cfg.features, key, "train"), open_features(cfg.features, key, "dev"), None
+    if world > 1:
         raise ConfigError("--fine-tune-blocks is single-process only")
-    encoder = build_encoder(cfg.encoder, cfg.encoder_weights).to(device)
+    encoder = build_encoder(cfg.encoder, cfg.encoder_weights, cfg.image_size).to(device)
     encoder.set_trainable_blocks(cfg.fine_tune_blocks)
-    return (LiveFeatures(encoder, [it.path for it in train_items]),
-            LiveFeatures(encoder, [it.path for it in dev_items]), encoder)
+    key = feature_key(cfg.encoder, cfg.image_size, cfg.fine_tune_blocks)
+    try:
+        train_acts, dev_acts = (open_features(cfg.features, key, split, weights_sha256=encoder.weights_sha256)
+                                for split in ("train", "dev"))
+    except DataError as e:
+        if cache_paths(cfg.features, key, "train")[1].is_file():   # there, but stale or foreign: never reuse it
+            raise
+        print(f"no activation cache ({e}); encoding the images at every step (slow on a CPU)", flush=True)
+        return (LiveFeatures(encoder, [it.path for it in train_items]),
+                LiveFeatures(encoder, [it.path for it in dev_items]), encoder)
+    n = cfg.fine_tune_blocks
+    return TailFeatures(train_acts, encoder, n), TailFeatures(dev_acts, encoder, n), encoder
+
+
+def _model_and_vocab(cfg: TrainConfig, train_items: list[ImageCaptions], overrides: dict | None,
+                     device: str) -> tuple[ShowAttendTell, Vocabulary]:
+    """A fresh model and the training vocabulary, or (`--init`) a checkpoint's decoder and its vocabulary."""
+    spec = encoder_spec(cfg.encoder, cfg.image_size)
+    init = load_checkpoint(cfg.init) if cfg.init else None
+    vocab = init.vocab if init else build_vocab(train_items, cfg.min_count)
+    model_cfg = init.model.config if init else ModelConfig(
+        vocab_size=len(vocab), encoder_dim=spec.feature_dim, num_regions=spec.num_regions, **(overrides or {}))
+    if model_cfg.num_regions != spec.num_regions:
+        raise ConfigError(f"--init {cfg.init} attends over {model_cfg.num_regions} regions but "
+                          f"--image-size {cfg.image_size} gives {spec.num_regions}")
+    torch.manual_seed(cfg.seed)
+    model = ShowAttendTell(model_cfg).to(device)
+    if init:
+        model.load_state_dict(init.model.state_dict())
+    return model, vocab
 
 
 def _optimizer(model: ShowAttendTell, encoder, cfg: TrainConfig):
@@ -233,7 +266,7 @@ def _resume(files: _RunFiles, optimizer, scheduler, model: ShowAttendTell, encod
             raise ConfigError(f"{files.state} holds no weights and {files.last} is missing: cannot resume")
         model.load_state_dict(load_checkpoint(files.last).model.state_dict())   # float32: exact
     if encoder is not None:
-        encoder.backbone.load_state_dict(load_checkpoint(files.last).encoder_state)
+        encoder.load_encoder_state(load_checkpoint(files.last).encoder_state, encoder.trainable_blocks)
     if rank == 0:
         print(f"resuming after epoch {counters['epoch'] - 1} (best BLEU-4 {counters['best_bleu4']:.4f})")
     return counters
@@ -264,14 +297,9 @@ def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: boo
     files.out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(cfg.data)
     train_items, dev_items = dataset.split("train"), dataset.split("dev")
-    spec = ENCODERS[cfg.encoder]
+    spec = encoder_spec(cfg.encoder, cfg.image_size)
     train_store, dev_store, encoder = _feature_stores(cfg, train_items, dev_items, device, world)
-
-    vocab = build_vocab(train_items, cfg.min_count)
-    model_cfg = ModelConfig(vocab_size=len(vocab), encoder_dim=spec.feature_dim, num_regions=spec.num_regions,
-                            **(model_cfg_overrides or {}))
-    torch.manual_seed(cfg.seed)
-    model = ShowAttendTell(model_cfg).to(device)
+    model, vocab = _model_and_vocab(cfg, train_items, model_cfg_overrides, device)
     optimizer, scheduler = _optimizer(model, encoder, cfg)
     counters = {"epoch": 0, "best_bleu4": -1.0, "best_epoch": -1, "epochs_since_best": 0, "steps": 0}
     if rank == 0:
@@ -290,9 +318,10 @@ def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: boo
     dev_eval = dev_items[: cfg.eval_limit] if cfg.eval_limit else dev_items
     decoding = DecodingConfig(beam_size=cfg.eval_beam, max_length=cfg.max_words)
     meta = {"encoder": {"name": cfg.encoder, "weights_sha256": train_store.weights_sha256,
-                        "weights_source": spec.weights_source, "fine_tuned": encoder is not None}}
-    if encoder is not None:
-        meta["encoder_state"] = encoder.backbone.state_dict()   # same tensors as training goes on
+                        "weights_source": spec.weights_source, "fine_tuned": encoder is not None,
+                        "image_size": spec.image_size, "grid": spec.grid, "tail_stages": cfg.fine_tune_blocks}}
+    if encoder is not None:   # only the trained stages: the rest is the (recorded) pretrained weights
+        meta["encoder_state"] = encoder.tail_state_dict(cfg.fine_tune_blocks)   # live tensors, saved as trained
     for epoch in range(counters["epoch"], cfg.epochs):
         budget = cfg.max_steps - counters["steps"] if cfg.max_steps else 0
         if (cfg.max_steps and budget <= 0) or counters["epochs_since_best"] >= cfg.patience:

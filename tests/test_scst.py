@@ -127,3 +127,15 @@ def test_bad_input_is_a_one_line_error(tiny_flickr, tiny_features, tmp_path, cap
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
     bad = main(["--init", "x.safetensors", "--data", str(tiny_flickr), "--samples", "0"])
     assert bad == 2
+
+
+def test_bleu_weight_adds_pycocoevalcaps_sentence_bleu4():
+    from pycocoevalcap.bleu.bleu import Bleu
+    images = list(REFS)
+    cider_only = CiderDReward(REFS)(list(PREDS.values()), images)
+    mixed = CiderDReward(REFS, bleu_weight=0.5)(list(PREDS.values()), images)
+    tok = lambda s: " ".join(simple_tokenize(s))
+    _, per_sentence = Bleu(4).compute_score({k: [tok(r) for r in v] for k, v in REFS.items()},
+                                            {k: [tok(v)] for k, v in PREDS.items()}, verbose=0)
+    assert np.allclose(mixed - cider_only, 0.5 * np.asarray(per_sentence[3]))
+    assert (mixed > cider_only).any()
