@@ -26,6 +26,19 @@ from core.model import DecoderState
 from core.text import END_ID, START_ID
 
 
+# knobs added to DecodingConfig after this module (#13); the traced search does not apply them yet, so it refuses
+# them by name rather than ignore them silently
+_UNSUPPORTED = {"top_p": 1.0, "repetition_penalty": 1.0, "min_length": 0, "num_beam_groups": 1,
+                "diversity_penalty": 0.0, "bad_words": ()}
+
+
+def _check_supported(config: DecodingConfig) -> None:
+    used = [k for k, default in _UNSUPPORTED.items() if hasattr(config, k) and getattr(config, k) not in (default, None, [], ())]
+    if used:
+        raise ConfigError(f"the traced beam search and prefix forcing do not support {', '.join(used)} yet; "
+                          "reset them to use this view")
+
+
 @dataclass
 class BeamNode:
     tokens: list[int]            # every token so far (prefix included), <end> last when finished
@@ -89,6 +102,7 @@ def _forced_prefix(model, features: Tensor, prefix: list[int]):
 def trace_beam_search(model, features: Tensor, config: DecodingConfig, *, prefix: list[int] | None = None,
                       pruned: int = 3) -> BeamTrace:
     """Beam search of one image's (L, C) or (1, L, C) features, recorded step by step (see the module doc)."""
+    _check_supported(config)
     if features.dim() == 2:
         features = features.unsqueeze(0)
     features = check_features(model, features)
@@ -190,6 +204,7 @@ def continue_caption(model, features: Tensor, config: DecodingConfig, prefix: li
     """n-best captions that start with `prefix` (word ids), decoded with `config` from there on."""
     if not prefix:
         raise ConfigError("the prefix is empty: type the first words of the caption")
+    _check_supported(config)
     if config.mode == "sample":
         if len(prefix) >= config.max_length:
             raise ConfigError(f"the prefix has {len(prefix)} words but max_length is {config.max_length} "

@@ -4,6 +4,8 @@
     python -m core.caption photo.jpg --nbest 3 --json          # n-best with per-token log-probabilities
     python -m core.caption photo.jpg --score "a dog runs on the grass" --json   # teacher-forced score
     python -m core.caption photo.jpg --prefix "a woman in" --json               # continue typed words
+    python -m core.caption photo.jpg --beam 4 --num-beam-groups 2 --diversity-penalty 0.5 --nbest 4
+    python -m core.caption photo.jpg --sample --top-p 0.9 --bad-words dog --min-length 8
 
 A bad file prints one line naming it and what is wrong; the others are still captioned; the exit code
 is 1 if any file failed, 2 for bad arguments or checkpoint.
@@ -18,6 +20,7 @@ from core import beam_trace, scoring
 from core.captioner import CaptionFailure, Captioner
 from core.checkpoint import default_checkpoint_path
 from core.decoding import DecodingConfig
+from core.cli import add_decoding_knobs, decoding_knobs
 from core.errors import CaptionScopeError, cli_main
 
 
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
+    add_decoding_knobs(parser)
     typed = parser.add_mutually_exclusive_group()
     typed.add_argument("--score", metavar="TEXT", default=None,
                        help="score this caption with teacher forcing (per-word log-probs, attention, beta)")
@@ -53,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     decoding = DecodingConfig(beam_size=args.beam, num_return_sequences=args.nbest,
                               length_penalty=args.length_penalty, max_length=args.max_length,
                               no_repeat_ngram_size=args.no_repeat_ngram, do_sample=args.sample,
-                              temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+                              temperature=args.temperature, top_k=args.top_k, seed=args.seed, **decoding_knobs(args))
     captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
                                           encoder_weights=args.encoder_weights)
+    captioner.check_decoding(decoding)      # bad words outside the vocabulary: one error, not one per image
     if args.score is not None or args.prefix is not None:
         return _typed_caption(captioner, args, decoding)
     failed = 0

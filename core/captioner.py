@@ -22,6 +22,7 @@ from core.decoding import DecodingConfig, Hypothesis, generate
 from core.encoders import Encoder, build_trained_encoder
 from core.errors import CaptionScopeError, CheckpointError, ConfigError
 from core.io_utils import sha256_file
+from core.logits_rules import LogitsRules
 from core.images import ImageLimits, content_hash, load_image, read_source_bytes
 from core.model import ShowAttendTell
 from core.text import END, Vocabulary
@@ -149,8 +150,12 @@ class Captioner:
 
     # -- captions ----------------------------------------------------------------------------------
     def decode(self, features: torch.Tensor, decoding: DecodingConfig) -> list[list[Hypothesis]]:
-        """Decode a (B, L, C) batch of features."""
-        return generate(self.model, features.to(self.device).float(), decoding)
+        """Decode a (B, L, C) batch of features (bad_words resolved against this checkpoint's vocabulary)."""
+        return generate(self.model, features.to(self.device).float(), decoding, self.vocab)
+
+    def check_decoding(self, decoding: DecodingConfig) -> None:
+        """ConfigError naming what this checkpoint cannot honour (bad_words outside its vocabulary)."""
+        LogitsRules.of(decoding, self.vocab)
 
     def words(self, hyp: Hypothesis) -> list[str]:
         return self.vocab.decode_tokens(hyp.token_ids)

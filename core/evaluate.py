@@ -21,6 +21,7 @@ import numpy as np
 from core.corpus import caption_split, score_split
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
+from core.cli import add_decoding_knobs, decoding_knobs
 from core.errors import cli_main
 from core.io_utils import atomic_write_json, atomic_write_text
 from core.metrics import Scores, format_scores
@@ -75,15 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--card", action="store_true",
                         help="also write NAME.eval.json next to the checkpoint (the model card's table), with a "
                              "50-image subset scored from the image files for the regression test")
+    add_decoding_knobs(parser, sampling=False)
     args = parser.parse_args(argv)
+    decodings = {beam: DecodingConfig(beam_size=beam, length_penalty=args.length_penalty, max_length=args.max_length,
+                                      no_repeat_ngram_size=args.no_repeat_ngram, **decoding_knobs(args))
+                 for beam in args.beam}     # every setting checked before the checkpoint loads
     captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
                                           encoder_weights=args.encoder_weights)
+    for decoding in decodings.values():
+        captioner.check_decoding(decoding)     # bad words this vocabulary lacks: one error before any work
     items = load_dataset(args.data).split(args.split)
     items = items[: args.limit] if args.limit else items
     card = {"split": args.split, "images": len(items), "checkpoint_sha256": captioner.checkpoint_id, "beams": {}}
-    for beam in args.beam:
-        decoding = DecodingConfig(beam_size=beam, length_penalty=args.length_penalty,
-                                  max_length=args.max_length, no_repeat_ngram_size=args.no_repeat_ngram)
+    for beam, decoding in decodings.items():
         predictions, scores, summary = evaluate_beam(captioner, items, decoding,
                                                      features_dir=args.features, split=args.split)
         out = Path(args.out) if len(args.beam) == 1 else Path(args.out) / f"beam{beam}"

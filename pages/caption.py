@@ -15,7 +15,7 @@ captioner = state.require_captioner()
 decoding = state.decoding()
 st.caption(f"Decoding: {decoding.describe()} · length penalty {decoding.length_penalty:g} · max length {decoding.max_length}"
            f"{f' · no-repeat {decoding.no_repeat_ngram_size}-grams' if decoding.no_repeat_ngram_size else ''}"
-           " (change in the sidebar)")
+           f"{''.join(f' · {knob}' for knob in decoding.describe_knobs())} (change in the sidebar)")
 
 left, right = st.columns([3, 2])
 with left:

@@ -100,6 +100,36 @@ def test_caption_example_and_nbest(env):
     assert {b.label for b in at.get("download_button")} == {"Download CSV", "Download JSON"}
 
 
+def test_sidebar_decoding_knobs(env):
+    """The Hugging Face knobs from the sidebar: bad words leave the caption (unknown ones are named), diverse
+    beam search runs once the groups divide the width, and a contradiction is one error naming the setting."""
+    at = start("caption")
+    first = at.main.subheader[0].value.split()
+    word = next(w for w in first if len(w) > 2)
+    widget(at.text_input, "Bad words").set_value(f"{word}, zzqqx").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("zzqqx" in w.value for w in at.sidebar.warning)
+    assert at.session_state["decoding"].bad_words == (word,)
+    assert all(word not in s.value.split() for s in at.main.subheader)
+
+    widget(at.slider, "Beam width").set_value(3).run()
+    widget(at.number_input, "Beam groups").set_value(2).run()
+    assert not at.exception
+    errors = [e.value for e in at.sidebar.error]
+    assert len(errors) == 1 and "num_beam_groups (2) must divide beam_size (3)" in errors[0]
+    assert at.session_state["decoding"].num_beam_groups == 1           # captions go on without the knobs
+    widget(at.slider, "Beam width").set_value(4).run()
+    assert not at.exception and not at.sidebar.error
+    widget(at.slider, "Diversity penalty").set_value(1.0).run()
+    decoding = at.session_state["decoding"]
+    assert (decoding.num_beam_groups, decoding.diversity_penalty, decoding.bad_words) == (2, 1.0, (word,))
+    assert len(at.table[0].value) == 4 and decoding.describe().startswith("diverse beam search")
+    widget(at.number_input, "Min length").set_value(12).run()
+    assert at.session_state["decoding"].min_length == 12 and not at.exception
+    assert len(at.main.subheader[0].value.split()) >= 11                  # 12 tokens incl. <end>
+    assert "min length 12" in at.main.caption[0].value                     # the page names the knobs in use
+
+
 def test_caption_bad_upload_keeps_the_others(env):
     at = start("caption")
     uploader = [u for u in at.get("file_uploader") if u.label == "Upload photos"][0]
