@@ -74,7 +74,7 @@ def test_every_page_renders(env):
     assert widget(at.selectbox, "Checkpoint").value == "captionscope-lite2.safetensors"
     flickr = os.environ["FLICKR8K_DIR"]
     assert widget(at.text_input, "Flickr8K folder").value == flickr      # from $FLICKR8K_DIR
-    titles = {"caption": "Caption", "attention": "Attention", "beams": "Beam comparison",
+    titles = {"caption": "Caption", "attention": "Attention", "faithfulness": "Faithfulness", "beams": "Beam comparison",
               "browser": "Flickr8K browser", "model_card": "Model card", "presentation": "Presentation",
               "home": "CaptionScope"}
     for page, title in titles.items():
@@ -169,6 +169,56 @@ def test_attention_words_grid_and_occlusion(env):
     assert any(label.endswith("before") for label in labels) and "after" in labels
     assert any("Caption after" in m.value for m in at.markdown)
     assert {b.label for b in at.get("download_button")} >= {"Grid (PNG)", "Animation (GIF)"}
+
+
+def test_attention_faithfulness_scoring_prefix_and_beam_view(env):
+    from core.captioner import Captioner
+    at = start("attention")
+    decoding = at.session_state["decoding"]
+    expected = Captioner.from_checkpoint(env / "captionscope-lite2.safetensors").caption(EXAMPLE, decoding)
+    hyp = expected.hypotheses[0]
+    # three maps, their correlations, deletion curves and one verdict line
+    [b for b in at.button if b.label == "Run faithfulness check"][0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len([m for m in at.metric if m.label.startswith("Spearman ρ")]) == 3
+    assert any(i.value.startswith("Attention ranks the regions that matter") for i in at.info)
+    widget(at.radio, "Deletion space").set_value("Pixel space").run()
+    assert not at.exception and not any(i.value.startswith("Attention ranks") for i in at.info)   # asks again
+    # score a caption: the model's own one first, then bad and unknown text
+    box = widget(at.text_input, "Caption to score")
+    assert box.value == expected.caption
+    assert widget(at.metric, "Log-prob (this caption)").value == f"{hyp.logprob:.2f}"
+    box.set_value("<b>a</b> zzqx dog 🐶 runs").run()
+    assert not at.exception
+    assert any("zzqx" in w.value for w in at.warning) and any("HTML tags removed" in c.value for c in at.caption)
+    widget(at.text_input, "Caption to score").set_value("   ").run()
+    assert any("has no words" in e.value for e in at.error)
+    # force a prefix
+    widget(at.text_input, "First words").set_value("a man").run()
+    assert not at.exception and any(m.value.startswith("**a man**") for m in at.markdown)
+    widget(at.text_input, "First words").set_value("a zzqx").run()
+    assert any("not in the model's vocabulary: zzqx" in e.value for e in at.error)
+    # the beam search, step by step: picking a node shows its attention
+    node = widget(at.selectbox, "Node")
+    assert len(node.options) > 1 and node.options[0].startswith("step 1 · kept")
+    node.set_value(len(node.options) - 1).run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_faithfulness_page_summary_and_link_to_the_attention_page(env):
+    at = start("faithfulness")
+    widget(at.number_input, "dev images (first n)").set_value(2).run()
+    [b for b in at.button if b.label == "Run over the split"][0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    summary = at.table[0].value
+    assert list(summary["Ranking"]) == ["attention", "saliency", "random"]
+    assert any(s.value == "Where attention is least faithful" for s in at.subheader)
+    opens = [b for b in at.button if b.label == "Open"]
+    assert opens
+    opens[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "Attention"
+    assert widget(at.selectbox, "dev image").value.endswith(".jpg")
 
 
 def test_beam_comparison_rows_and_sweep(env):
