@@ -22,27 +22,27 @@ from conftest import run_cli
 DECODING = DecodingConfig(beam_size=2, max_length=8)
 
 
-@pytest.fixture(scope="module")
-def other_vocab_checkpoint(tiny_checkpoint, tmp_path_factory):
-    """The tiny model with three extra words (new, never-chosen output rows): another vocabulary and shape,
-    and, with a nudged <end> bias, sometimes another caption."""
-    ckpt = load_checkpoint(tiny_checkpoint)
-    extra = ["zebra", "kite", "umbrella"]
-    vocab = Vocabulary(itos=ckpt.vocab.itos + extra)
-    config = dataclasses.replace(ckpt.config, vocab_size=len(vocab))
-    model = ShowAttendTell(config)
-    state = ckpt.model.state_dict()
+def grow_vocabulary(source, target):
+    """The checkpoint at `source` with three extra words (new, never-chosen output rows) saved to `target`:
+    another vocabulary and shape, and, with a raised <end> bias, some shorter captions."""
+    ckpt = load_checkpoint(source)
+    vocab = Vocabulary(itos=ckpt.vocab.itos + ["zebra", "kite", "umbrella"])
+    model = ShowAttendTell(dataclasses.replace(ckpt.config, vocab_size=len(vocab)))
     grown = model.state_dict()
-    for name, value in state.items():
+    for name, value in ckpt.model.state_dict().items():
         if value.shape == grown[name].shape:
             grown[name] = value.clone()
         else:       # embedding / classifier: old rows kept, new rows small and out of the running
             grown[name][: value.shape[0]] = value
             grown[name][value.shape[0]:] = -20.0 if name.endswith("bias") else 0.0
-    grown["classifier.bias"][2] += 8.0   # <end> a little more likely: some captions get shorter
+    grown["classifier.bias"][2] += 8.0
     model.load_state_dict(grown)
-    path = tmp_path_factory.mktemp("other") / "other.safetensors"
-    return save_checkpoint(path, model, vocab, encoder=ckpt.encoder, training={}, decoding={})
+    return save_checkpoint(target, model, vocab, encoder=ckpt.encoder, training={}, decoding={})
+
+
+@pytest.fixture(scope="module")
+def other_vocab_checkpoint(tiny_checkpoint, tmp_path_factory):
+    return grow_vocabulary(tiny_checkpoint, tmp_path_factory.mktemp("other") / "other.safetensors")
 
 
 def test_word_diff_marks_removed_and_added_words():
