@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     def grid() -> None:
         result = evaluate_grid(captioner, items, settings, list(AXES), features_dir=args.features, split="dev")
         out["grid"] = [result.scores[label].corpus for label in result.labels]
+        out["timings"] = result.timings
 
     def naive() -> None:
         out["naive"] = [score_split(caption_split(captioner, items, config, features_dir=args.features, split="dev"),
@@ -48,4 +49,6 @@ def run(args: argparse.Namespace) -> list[Row]:
     return [Row("grid", figure, fmt_s(times["grid"]), f"{fmt_s(times['naive'])} one setting after another", ratio,
                 f"<= {TARGET_S:.0f} s", ok,
                 [f"{len(settings)} settings; identical corpus scores {same}/{len(settings)}; "
-                 f"median of {args.grid_repeats}; metrics: {', '.join(out['grid'][0])}"])]
+                 f"median of {args.grid_repeats}; metrics: {', '.join(out['grid'][0])}",
+                 "grid stages (s): " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in out["timings"].items())])]

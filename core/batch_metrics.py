@@ -16,6 +16,7 @@ from the references of the set's images, so the per-set call is what keeps it eq
 from __future__ import annotations
 
 import threading
+import time
 from typing import Mapping, Sequence
 
 from core.errors import DataError
@@ -24,10 +25,22 @@ from core.metrics import (BLEU_NAMES, JAVA_MISSING_NOTE, METEOR_TIMEOUT_BASE_S, 
                           java_available)
 
 
-def _meteor_many(pairs: list[tuple[list[str], str]], groups: list[list[int]]) -> list[tuple[float, list[float]]]:
+def start_meteor():
+    """A METEOR JVM started now (it loads its paraphrase table while the caller does other work, e.g.
+    decoding), for `score_caption_sets(..., meteor=)`; None without Java. That call closes it."""
+    if not java_available():
+        return None
+    try:
+        return _make_meteor()
+    except Exception:  # noqa: BLE001 - no JVM now: score_caption_sets starts one or notes why not
+        return None
+
+
+def _meteor_many(pairs: list[tuple[list[str], str]], groups: list[list[int]],
+                 meteor=None) -> list[tuple[float, list[float]]]:
     """One METEOR process: statistics of each (references, hypothesis) pair, then an aggregate per group of
     pair indices. Raises on a dead or stuck jar (a watchdog kills it), so the caller can skip METEOR."""
-    meteor = _make_meteor()
+    meteor = meteor or _make_meteor()
     proc = meteor.meteor_p
     lines = [" ||| ".join(("SCORE", " ||| ".join(refs), hyp)) + "\n" for refs, hyp in pairs]
     watchdog = threading.Timer(METEOR_TIMEOUT_BASE_S + METEOR_TIMEOUT_PER_IMAGE_S * len(pairs), meteor.kill)
@@ -63,12 +76,25 @@ def _meteor_many(pairs: list[tuple[list[str], str]], groups: list[list[int]]) ->
 
 
 def score_caption_sets(sets: Mapping[str, Mapping[str, str]], references: Mapping[str, Sequence[str]], *,
-                       metrics: Sequence[str] = METRIC_NAMES, tokenizer: str = "ptb") -> dict[str, Scores]:
+                       metrics: Sequence[str] = METRIC_NAMES, tokenizer: str = "ptb",
+                       timings: dict | None = None, meteor=None) -> dict[str, Scores]:
     """Per set name, the Scores of that set's captions (image -> caption) against `references`.
 
     Same rules as `score_captions`: only the images of a set are scored, METEOR is skipped with a note when
     Java is missing or the jar fails, and the fallback tokenizer is used (with a note) without Java.
+    `timings`, if a dict, receives the seconds spent per stage (tokenize, METEOR, BLEU, ROUGE-L, CIDEr-D).
+    `meteor`: a JVM from `start_meteor` to use (and close) instead of starting one.
     """
+    try:
+        return _score_sets(sets, references, metrics, tokenizer, timings, meteor)
+    finally:
+        if meteor is not None:
+            meteor.close()
+
+
+def _score_sets(sets, references, metrics, tokenizer, timings, meteor) -> dict[str, Scores]:
+    clock = timings if timings is not None else {}
+    t0 = time.perf_counter()
     if not sets:
         raise DataError("no caption sets to score")
     checked = {name: _validate(preds, references, metrics, tokenizer) for name, preds in sets.items()}
@@ -81,14 +107,21 @@ def score_caption_sets(sets: Mapping[str, Mapping[str, str]], references: Mappin
     common_notes: list[str] = []
     gts_all, res_all = _tokenize_all(all_refs, {caption_key[c]: c for c in distinct}, tokenizer, common_notes)
     tokenized = {c: res_all[caption_key[c]][0] for c in distinct}
+    clock["tokenize"] = time.perf_counter() - t0
 
     per_set: dict[str, tuple[dict, dict]] = {}
     for name, (preds, refs, _) in checked.items():
         gts = {image: gts_all[image] for image in preds}
         res = {image: [tokenized[caption]] for image, caption in preds.items()}
         per_set[name] = (gts, res)
-    meteor = _meteor_for_sets(per_set, common_notes) if "METEOR" in wanted else {}
+    t0 = time.perf_counter()
+    meteor = _meteor_for_sets(per_set, common_notes, meteor) if "METEOR" in wanted else {}
+    clock["METEOR"] = time.perf_counter() - t0
+    clock["distinct_pairs"] = len({(i, h) for _, res in per_set.values() for i, (h,) in res.items()})
 
+    t0 = time.perf_counter()
+    shared = _pair_scores(per_set, wanted)
+    clock["ROUGE-L+CIDEr-D per distinct pair"] = time.perf_counter() - t0
     out: dict[str, Scores] = {}
     for name, (preds, refs, _) in checked.items():
         gts, res = per_set[name]
@@ -96,11 +129,57 @@ def score_caption_sets(sets: Mapping[str, Mapping[str, str]], references: Mappin
         unscored = len(set(map(str, references)) - set(preds))
         if unscored:
             notes.append(f"{unscored} image(s) with references but no prediction were not scored")
-        out[name] = _score_one(gts, res, wanted, meteor.get(name), notes)
+        pair = {m: [shared[m][(i, h)] for i, (h,) in res.items()] for m in shared}
+        out[name] = _score_one(gts, res, wanted, meteor.get(name), notes, clock, pair)
     return out
 
 
-def _meteor_for_sets(per_set: dict[str, tuple[dict, dict]], notes: list[str]) -> dict[str, tuple[float, list]]:
+class _ImageCount(list):
+    """CiderScorer's crefs, one per (image, caption) pair, whose len() is the number of images: compute_cider
+    takes idf's log N from len(crefs), and N must be the images scored, as in a lone run."""
+
+    def __init__(self, items, images: int):
+        super().__init__(items)
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images
+
+
+def _pair_scores(per_set: dict[str, tuple[dict, dict]], wanted: list[str]) -> dict[str, dict]:
+    """ROUGE-L and CIDEr-D of each distinct (image, caption) pair, when every set scores the same images.
+
+    A per-image ROUGE-L depends only on the caption and its references, and a per-image CIDEr-D also on the
+    idf, which comes from the references of the scored images: the same for every set then. So each pair is
+    scored once, with pycocoevalcap's own scorers, and a set's values are looked up (corpus = their mean,
+    as the toolkit computes it). Sets over different images are scored one by one instead ({} here).
+    """
+    from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    sets = list(per_set.values())
+    images = list(sets[0][0])
+    if len(sets) < 2 or any(list(gts) != images for gts, _ in sets):
+        return {}
+    gts = sets[0][0]
+    pairs = list(dict.fromkeys((i, h) for _, res in sets for i, (h,) in res.items()))
+    out: dict[str, dict] = {}
+    if "ROUGE-L" in wanted:
+        rouge = Rouge()
+        out["ROUGE-L"] = {(i, h): float(rouge.calc_score([h], gts[i])) for i, h in pairs}
+    if "CIDEr-D" in wanted and any(c.split() for caps in gts.values() for c in caps):
+        scorer = CiderScorer(n=4, sigma=6.0)
+        for image in images:
+            scorer += (None, gts[image])
+        scorer.compute_doc_freq()
+        scorer.crefs = _ImageCount([cook_refs(gts[i]) for i, _ in pairs], len(images))
+        scorer.ctest = [cook_test(h) for _, h in pairs]
+        out["CIDEr-D"] = dict(zip(pairs, (float(x) for x in scorer.compute_cider())))
+    return out
+
+
+def _meteor_for_sets(per_set: dict[str, tuple[dict, dict]], notes: list[str],
+                     meteor=None) -> dict[str, tuple[float, list]]:
     if not java_available():
         notes.append(JAVA_MISSING_NOTE)
         return {}
@@ -117,7 +196,7 @@ def _meteor_for_sets(per_set: dict[str, tuple[dict, dict]], notes: list[str]) ->
             group.append(pair_index[key])
         groups.append(group)
     try:
-        results = _meteor_many(pairs, groups)
+        results = _meteor_many(pairs, groups, meteor)
     except Exception as exc:  # noqa: BLE001 - a broken JRE/jar must not take the other metrics down
         notes.append(f"METEOR skipped: the METEOR subprocess failed ({type(exc).__name__}: {exc})")
         return {}
@@ -125,7 +204,9 @@ def _meteor_for_sets(per_set: dict[str, tuple[dict, dict]], notes: list[str]) ->
 
 
 def _score_one(gts: dict, res: dict, wanted: list[str], meteor: tuple[float, list] | None,
-               notes: list[str]) -> Scores:
+               notes: list[str], clock: dict, pair: dict[str, list[float]]) -> Scores:
+    """One set's Scores; `pair` holds metrics already scored per distinct pair (see `_pair_scores`)."""
+    import numpy as np
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -139,23 +220,36 @@ def _score_one(gts: dict, res: dict, wanted: list[str], meteor: tuple[float, lis
         for image, value in zip(images, scores):
             per_image[image][name] = float(value)
 
+    def timed(stage: str, t0: float) -> None:
+        clock[stage] = clock.get(stage, 0.0) + time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     if any(m in wanted for m in BLEU_NAMES):
         score, scores = Bleu(4).compute_score(gts, res, verbose=0)
         for n, name in enumerate(BLEU_NAMES):
             if name in wanted:
                 store(name, score[n], scores[n])
+    timed("BLEU", t0)
     if meteor is not None:
         store("METEOR", *meteor)
-    if "ROUGE-L" in wanted:
+    t0 = time.perf_counter()
+    if "ROUGE-L" in pair:
+        store("ROUGE-L", np.mean(np.array(pair["ROUGE-L"])), pair["ROUGE-L"])
+    elif "ROUGE-L" in wanted:
         store("ROUGE-L", *Rouge().compute_score(gts, res))
+    timed("ROUGE-L", t0)
+    t0 = time.perf_counter()
     if "CIDEr-D" in wanted:
         if not any(c.split() for caps in gts.values() for c in caps):
             store("CIDEr-D", 0.0, [0.0] * len(images))
             notes.append("CIDEr-D is 0: no reference caption has any word after tokenisation")
+        elif "CIDEr-D" in pair:
+            store("CIDEr-D", np.mean(np.array(pair["CIDEr-D"])), pair["CIDEr-D"])
         else:
             store("CIDEr-D", *Cider().compute_score(gts, res))
         if len(images) == 1:
             notes.append("CIDEr-D uses idf over the scored images: with a single image it is always 0")
+    timed("CIDEr-D", t0)
     ordered = {m: corpus[m] for m in wanted if m in corpus}
     per_image = {image: {m: values[m] for m in wanted if m in values} for image, values in per_image.items()}
     return Scores(corpus=ordered, per_image=per_image, notes=notes)

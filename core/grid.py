@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.batch_metrics import score_caption_sets
+from core.batch_metrics import score_caption_sets, start_meteor
 from core.data import ImageCaptions
 from core.decoding import DecodingConfig
 from core.errors import ConfigError
@@ -141,6 +141,7 @@ class GridResult:
     scores: dict[str, Scores]                  # label -> scores of that setting
     table: pd.DataFrame                        # one row per setting (see `grid_table`)
     notes: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)      # seconds per stage: decode, tokenize, METEOR, ...
 
     def setting(self, label: str) -> DecodingConfig:
         return self.settings[self.labels.index(label)]
@@ -194,20 +195,30 @@ def evaluate_grid(captioner, items: Sequence[ImageCaptions], settings: Sequence[
         raise ConfigError(f"decoding grid: {len(settings)} settings, over the limit of {MAX_SETTINGS}")
     if not items:
         raise ConfigError(f"decoding grid: the {split} split has no images")
-    decoded = decode_grid(captioner, items, settings, features_dir=features_dir, split=split, cache=cache,
-                          progress=progress, batch_size=batch_size)
+    rank = dist_info()[0]
+    # the METEOR JVM takes a while to load: it does so on the other core while this one decodes
+    meteor = start_meteor() if with_meteor and rank == 0 else None
+    try:
+        decoded = decode_grid(captioner, items, settings, features_dir=features_dir, split=split, cache=cache,
+                              progress=progress, batch_size=batch_size)
+    except BaseException:
+        if meteor is not None:
+            meteor.close()
+        raise
     if decoded is None:
         return None
     captions, times = decoded
     labels = _unique_labels([setting_label(c, axes) for c in settings])
     references = {it.image: list(it.captions) for it in items}
     metrics = [m for m in METRIC_NAMES if with_meteor or m != "METEOR"]
+    timings: dict = {"decode": float(sum(dict(zip(map(decode_key, settings), times)).values()))}
     scores = score_caption_sets({label: {n: e["caption"] for n, e in caps.items()}
                                  for label, caps in zip(labels, captions)}, references, metrics=metrics,
-                                tokenizer=tokenizer)
+                                tokenizer=tokenizer, meteor=meteor, timings=timings)
     table = grid_table(settings, labels, axes, dict(zip(labels, captions)), scores, times, len(items))
     notes = sorted({note for s in scores.values() for note in s.notes})
-    return GridResult(list(axes), list(settings), labels, dict(zip(labels, captions)), scores, table, notes)
+    return GridResult(list(axes), list(settings), labels, dict(zip(labels, captions)), scores, table, notes,
+                      timings)
 
 
 def _unique_labels(labels: list[str]) -> list[str]:

@@ -25,6 +25,8 @@ def test_each_set_scores_as_it_would_alone(tokenizer):
     assert list(together) == list(SETS)
     for name, preds in SETS.items():
         alone = score_captions(preds, REFERENCES, tokenizer=tokenizer)
+        if any("METEOR skipped: the METEOR subprocess failed" in n for n in alone.notes + together[name].notes):
+            pytest.skip("the METEOR jar failed on this machine (out of memory or stuck): nothing to compare")
         assert together[name].corpus.keys() == alone.corpus.keys()
         for metric, value in alone.corpus.items():
             assert together[name].corpus[metric] == pytest.approx(value, abs=1e-9), (name, metric)
