@@ -1,14 +1,14 @@
 """CaptionScope dashboard: `streamlit run dashboard.py` (from the repo root).
 
 The entry point sets the page up and routes to the chosen page. Every page starts with
-`ui.state.page_setup()`, which draws the shared sidebar (checkpoint, decoding settings, Flickr8K folder;
-see ui/state.py). Pages are thin views over core/.
+`ui.sidebar.page_setup()`, which draws the shared sidebar (checkpoint, decoding settings, Flickr8K folder;
+see ui/sidebar.py). Pages are thin views over core/.
 """
 from pathlib import Path
 
 import streamlit as st
 
-from ui.state import PAGE_CONFIG
+from ui.sidebar import PAGE_CONFIG
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,7 +1,7 @@
 """Bench 1 — corpus decoding: N dev images at beam K from cached features.
 
-Fast: `core.evaluate.decode_store` (batched over images AND beams, one `model.step` per time step).
-Baseline: `bench.reference.reference_beam_search`, one image at a time. Both must give identical captions.
+Fast: `core.decoding.generate` (batched over images AND beams, one `model.step` per time step).
+Baseline: `core.beam_search.reference_beam_search`, the plain search, one image and one beam at a time. Both must give identical captions.
 """
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import numpy as np
 import torch
 
 from bench.common import DEFAULT_CHECKPOINT, Row, fmt_s, interleaved
-from bench.reference import reference_beam_search
-from core.decoding import DecodingConfig, generate
+from core.decoding import DecodingConfig, generate, reference_beam_search
 from core.model import ModelConfig, ShowAttendTell
 
 
@@ -34,21 +33,18 @@ def load_model_and_features(args: argparse.Namespace, n: int) -> tuple[ShowAtten
 
 def run(args: argparse.Namespace) -> list[Row]:
     model, feats, source = load_model_and_features(args, args.images)
-    K, T, banned = args.beam, 20, [0, 1, 3]
+    K, T = args.beam, 20
     config = DecodingConfig(beam_size=K, max_length=T)
     out: dict[str, list[list[int]]] = {}
 
     def fast() -> None:
         ids = []
         for start in range(0, len(feats), args.decode_batch):
-            ids += [h[0].token_ids for h in generate(model, feats[start:start + args.decode_batch], config,
-                                                     unk_id=3)]
+            ids += [h[0].token_ids for h in generate(model, feats[start:start + args.decode_batch], config)]
         out["fast"] = ids
 
     def baseline() -> None:
-        with torch.inference_mode():
-            out["baseline"] = [reference_beam_search(model, f, beam_size=K, max_length=T, banned=banned)
-                               for f in feats]
+        out["baseline"] = [reference_beam_search(model, f, config)[0].token_ids for f in feats]
 
     times = interleaved({"fast": fast, "baseline": baseline}, args.repeats)
     same = sum(a == b for a, b in zip(out["fast"], out["baseline"]))

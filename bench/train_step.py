@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     vocab_size = 2538
     if not args.synthetic:
         from core.checkpoint import read_metadata
-        vocab_size = int(read_metadata(args.checkpoint)["model_config"]["vocab_size"])
+        vocab_size = read_metadata(args.checkpoint).vocab_size
     torch.manual_seed(0)
     model = ShowAttendTell(ModelConfig(vocab_size=vocab_size, encoder_dim=1280)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=4e-4, fused=True)   # as core.train

@@ -2,7 +2,7 @@
 
 Fast: what `Captioner.caption` runs on a new image (inference mode, channels-last input, batched beam
 search), minus the feature cache so every upload pays the encoder. Naive: the same model with autograd on,
-NCHW input and the per-image Python-loop beam search of `bench.reference`.
+NCHW input and the plain per-beam Python beam search, `core.beam_search.reference_beam_search`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import numpy as np
 from PIL import Image
 
 from bench.common import EXAMPLES, Row, percentile
-from bench.reference import reference_beam_search
-from core.decoding import DecodingConfig
+from core.decoding import DecodingConfig, reference_beam_search
 from core.images import load_image
 
 BEAM = 5
@@ -52,7 +51,6 @@ def run(args: argparse.Namespace) -> list[Row]:
     uploads = upload_bytes(args)
     config = DecodingConfig(beam_size=BEAM, max_length=20)
     model, encoder = captioner.model, captioner.encoder
-    banned = [captioner.vocab.pad_id, captioner.vocab.start_id, captioner.vocab.unk_id]
 
     def fast(data: bytes) -> tuple[float, float, list[int]]:
         t0 = time.perf_counter()
@@ -66,7 +64,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         pixels = encoder.preprocess(load_image(data, name="upload")).unsqueeze(0)
         feats = encoder(pixels)[0]                                        # autograd on, NCHW, batch 1
         t1 = time.perf_counter()
-        best = reference_beam_search(model, feats, beam_size=BEAM, max_length=20, banned=banned)
+        best = reference_beam_search(model, feats, config)[0].token_ids
         return t1 - t0, time.perf_counter() - t1, best
 
     for data in uploads[:2]:   # warm: first calls allocate, pick kernels, fault the weights in

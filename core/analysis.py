@@ -1,13 +1,12 @@
 """Attention analysis: heatmaps over the image, attention entropy, teacher-forced scoring and occlusion tests.
 
 The decoder attends over a grid x grid map of encoder regions (7x7 for 224 px inputs). Preprocessing is a
-no-crop resize, so region (r, c) covers the cell [c*W/grid, (c+1)*W/grid) x [r*H/grid, (r+1)*H/grid) of the
-*whole* original image; every function here uses that mapping.
+no-crop resize, so region (r, c) is the cell [c*W/grid, (c+1)*W/grid) x [r*H/grid, (r+1)*H/grid) of the
+whole original image. Every picture drawn here is bounded by core.images.display_box.
 
-Attention maps show where the model looked, not what it used. The occlusion test checks the second:
-grey out the cells a word attended to, re-encode, and measure how much the probability of that same word
-(same prefix, teacher-forced) falls. `random_region_baseline` gives the drop from occluding random cells
-of the same size, so a user can tell a real effect from the noise of changing any part of the image.
+Attention maps show where the model looked, not what it used. The occlusion test checks the second: grey
+out the cells a word attended to, re-encode, and measure how much p(that word | same prefix) falls.
+`random_region_baseline` gives the drop for random cells of the same size: a real effect vs. noise.
 
 Pure functions over numpy / PIL / matplotlib (no Streamlit), so pages, CLIs and tests share them.
 """
@@ -23,9 +22,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from core.decoding import DecodingConfig, Hypothesis
+from core.decoding_rules import log_probs
 from core.errors import ConfigError
+from core.images import DISPLAY_FILL, DisplayBox, display_box, letterbox
+from core.text import END, END_ID, START_ID
 
-END_TOKEN = "<end>"
 OCCLUSION_FILL = (124, 116, 104)   # ImageNet mean colour: "no information" rather than a black/white edge
 
 
@@ -72,7 +73,8 @@ def _colormap(cmap: str):
 
 
 def overlay_heatmap(image: Image.Image, heat: np.ndarray, *, opacity: float = 0.5, cmap: str = "jet") -> Image.Image:
-    """Alpha-blend a colour-mapped [0, 1] heatmap over the image (resized to the image if needed)."""
+    """Alpha-blend a colour-mapped [0, 1] heatmap over the image (output size = image size; pages show
+    `attention_overlay`, which bounds it)."""
     if not 0.0 <= opacity <= 1.0:
         raise ConfigError(f"opacity must be in [0, 1], got {opacity}")
     base = image.convert("RGB")
@@ -95,17 +97,20 @@ def _labels(words: Sequence[str], steps: int) -> list[str]:
     """Words for the attention rows; the caller may leave out the final <end> row's label."""
     words = list(words)
     if steps == len(words) + 1:
-        words.append(END_TOKEN)
+        words.append(END)
     if steps != len(words):
         raise ConfigError(f"{len(words)} words but {steps} attention rows (expected equal, or one more row "
                           "for <end>)")
     return words
 
 
-def _fit(image: Image.Image, panel_width: int) -> Image.Image:
-    image = image.convert("RGB")
-    height = max(1, round(image.height * panel_width / image.width))
-    return image.resize((panel_width, height), Image.BILINEAR)
+def attention_overlay(image: Image.Image, weights: np.ndarray, grid: int, box: DisplayBox | None = None, *,
+                      opacity: float = 0.5, cmap: str = "jet", smooth: bool = True, fill=DISPLAY_FILL) -> Image.Image:
+    """One word's heatmap over the image in `box` (default display_box(image.size)); padding is not heated."""
+    box = box or display_box(image.size)
+    base = image.convert("RGB").resize(box.content_size, Image.BILINEAR)     # no-op copy at the same size
+    heat = upsample_attention(weights, grid, base.size, smooth)
+    return letterbox(overlay_heatmap(base, heat, opacity=opacity, cmap=cmap), box, fill)
 
 
 TITLE_HEIGHT = 26
@@ -124,24 +129,24 @@ def attention_grid(image: Image.Image, words: list[str], attention: np.ndarray, 
                    panel_width: int = 224) -> Image.Image:
     """One panel per word (the image with that word's attention overlaid, the word above it).
 
-    Layout: panels of panel_width x (TITLE_HEIGHT + image height at that width), `min(cols, n)` per row,
-    GAP pixels between panels and none around the edge, on a white background.
+    Layout: panels of display_box(image.size, panel_width) (bounded: a 1x1024 strip is letterboxed) plus
+    TITLE_HEIGHT, `min(cols, n)` per row, GAP pixels between panels, none around the edge, on white.
     """
     attention = _steps_by_regions(attention)
     if cols < 1:
         raise ConfigError(f"cols must be >= 1, got {cols}")
     labels = _labels(words, attention.shape[0])
-    base = _fit(image, panel_width)
-    pw, ph = base.size
     n = len(labels)
+    box = display_box(image.size, panel_width, panels=n)
+    pw, ph = box.canvas
     ncols, nrows = min(cols, n), math.ceil(n / cols)
     canvas = Image.new("RGB", (ncols * pw + (ncols - 1) * GAP, nrows * (ph + TITLE_HEIGHT) + (nrows - 1) * GAP),
                        "white")
     draw, font = ImageDraw.Draw(canvas), _font(16)
     for i, (label, row) in enumerate(zip(labels, attention)):
         x, y = (i % ncols) * (pw + GAP), (i // ncols) * (ph + TITLE_HEIGHT + GAP)
-        canvas.paste(overlay_heatmap(base, upsample_attention(row, grid, (pw, ph), smooth),
-                                     opacity=opacity, cmap=cmap), (x, y + TITLE_HEIGHT))
+        canvas.paste(attention_overlay(image, row, grid, box, opacity=opacity, cmap=cmap, smooth=smooth,
+                                       fill=(255, 255, 255)), (x, y + TITLE_HEIGHT))
         draw.text((x + pw // 2, y + TITLE_HEIGHT // 2), label, fill="black", font=font, anchor="mm")
     return canvas
 
@@ -161,15 +166,14 @@ def attention_gif_bytes(image: Image.Image, words: list[str], attention: np.ndar
     if ms_per_word < 20:
         raise ConfigError(f"ms_per_word must be >= 20 (GIF timing resolution), got {ms_per_word}")
     labels = _labels(words, attention.shape[0])
-    base = _fit(image, width)
-    w, h = base.size
-    bar = 30
-    font = _font(16)
+    box = display_box(image.size, width, panels=len(labels))
+    w, h = box.canvas
+    bar, font = 30, _font(16)
     frames = []
     for i, row in enumerate(attention):
         frame = Image.new("RGB", (w, h + bar), (20, 20, 20))
-        frame.paste(overlay_heatmap(base, upsample_attention(row, grid, (w, h), smooth), opacity=opacity,
-                                    cmap=cmap), (0, 0))
+        frame.paste(attention_overlay(image, row, grid, box, opacity=opacity, cmap=cmap, smooth=smooth,
+                                      fill=(20, 20, 20)), (0, 0))
         draw = ImageDraw.Draw(frame)
         prefix = " ".join(labels[:i]) + (" " if i else "")
         word = labels[i]
@@ -240,21 +244,19 @@ class TokenScores:
         return float(self.logprobs.sum(dtype=np.float64))
 
 
-def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, start_id: int = 1, end_id: int = 2,
-                 pad_id: int = 0, unk_id: int | None = None, include_end: bool = True) -> TokenScores:
+def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, include_end: bool = True) -> TokenScores:
     """Log-probabilities the model gives a fixed caption (teacher forcing through `model.step`).
 
     `token_ids` are the words (a leading <start> / trailing <end> are tolerated and stripped). The
-    distribution excludes <pad> and <start> (and <unk> when `unk_id` is given, as the Captioner's decoding
-    does), so for the decoder's own caption
+    distribution excludes the never-generated tokens, as decoding does, so for the decoder's own caption
     this reproduces its `token_logprobs`. include_end=False scores the words only (an unfinished caption).
     """
     ids = [int(t) for t in token_ids]
-    if ids and ids[0] == start_id:
+    if ids and ids[0] == START_ID:
         ids = ids[1:]
-    if ids and ids[-1] == end_id:
+    if ids and ids[-1] == END_ID:
         ids = ids[:-1]
-    targets = ids + ([end_id] if include_end else [])
+    targets = ids + ([END_ID] if include_end else [])
     if not targets:
         raise ConfigError("score_tokens: nothing to score (no words and include_end=False)")
     if features.dim() == 2:
@@ -267,13 +269,11 @@ def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, start_i
     try:
         with torch.inference_mode():
             state = model.init_state(features.to(device=device, dtype=torch.float32))
-            inputs = [start_id] + targets[:-1]
+            inputs = [START_ID] + targets[:-1]
             logprobs, alphas, betas = [], [], []
             for prev, target in zip(inputs, targets):
                 logits, alpha, beta, state = model.step(torch.tensor([prev], device=device), state)
-                logits = logits.clone()
-                logits[:, [pad_id, start_id] + ([unk_id] if unk_id is not None else [])] = float("-inf")
-                logprobs.append(torch.log_softmax(logits, dim=-1)[0, target])
+                logprobs.append(log_probs(logits)[0, target])
                 alphas.append(alpha[0])
                 betas.append(beta[0, 0])
             lp = torch.stack(logprobs).float().cpu().numpy()
@@ -359,13 +359,8 @@ def _word_at(captioner, hypothesis: Hypothesis, word_index: int) -> str:
     if 0 <= word_index < n:
         return captioner.vocab.itos[hypothesis.token_ids[word_index]]
     if word_index == n and hypothesis.finished:
-        return END_TOKEN
+        return END
     raise ConfigError(f"word_index {word_index} is outside the caption (0..{n - 1 + int(hypothesis.finished)})")
-
-
-def _ids(captioner) -> dict:
-    v = captioner.vocab
-    return {"start_id": v.start_id, "end_id": v.end_id, "pad_id": v.pad_id, "unk_id": v.unk_id}
 
 
 def occlusion_test(captioner, image: Image.Image, hypothesis: Hypothesis, word_index: int,
@@ -385,9 +380,8 @@ def occlusion_test(captioner, image: Image.Image, hypothesis: Hypothesis, word_i
     region = _check_region(region, grid)
     occluded = occlude(image, region, grid)
     feats = captioner.encode([image.convert("RGB"), occluded])
-    ids = _ids(captioner)
-    before = score_tokens(captioner.model, feats[0], hypothesis.token_ids, include_end=hypothesis.finished, **ids)
-    after = score_tokens(captioner.model, feats[1], hypothesis.token_ids, include_end=hypothesis.finished, **ids)
+    before = score_tokens(captioner.model, feats[0], hypothesis.token_ids, include_end=hypothesis.finished)
+    after = score_tokens(captioner.model, feats[1], hypothesis.token_ids, include_end=hypothesis.finished)
     hyp_after = captioner.decode(feats[1:2], decoding)[0][0]
     return OcclusionResult(
         region=region, box=region_pixels(region, grid, occluded.size), image=occluded, word_index=word_index,
@@ -434,13 +428,12 @@ def random_region_baseline(captioner, image: Image.Image, hypothesis: Hypothesis
         positions = [p for p in positions if p != tuple(exclude)]
     rng = np.random.default_rng(seed)
     chosen = [positions[i] for i in rng.permutation(len(positions))[:samples]]
-    ids = _ids(captioner)
     base = image.convert("RGB")
     batch_size = max(1, int(batch_size))
     pending = [base] + [occlude(base, r, grid) for r in chosen]   # the original rides in the first batch
     probs: list[float] = []
     for start in range(0, len(pending), batch_size):
         for f in captioner.encode(pending[start:start + batch_size]):
-            scored = score_tokens(captioner.model, f, hypothesis.token_ids, include_end=hypothesis.finished, **ids)
+            scored = score_tokens(captioner.model, f, hypothesis.token_ids, include_end=hypothesis.finished)
             probs.append(float(np.exp(scored.logprobs[word_index])))
     return BaselineResult(chosen, [probs[0] - p for p in probs[1:]], probs[0])

@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
                               length_penalty=args.length_penalty, max_length=args.max_length,
                               no_repeat_ngram_size=args.no_repeat_ngram, do_sample=args.sample,
                               temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    decoding.validate()
     captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
                                           encoder_weights=args.encoder_weights)
     failed = 0

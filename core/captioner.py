@@ -16,20 +16,22 @@ from typing import BinaryIO, Sequence
 import torch
 from PIL import Image
 
-from core.checkpoint import load_checkpoint
+from core.checkpoint import Checkpoint, load_checkpoint
+from core.checkpoint_metadata import CheckpointMetadata
 from core.decoding import DecodingConfig, Hypothesis, generate
-from core.encoders import Encoder, build_encoder
-from core.errors import CaptionScopeError
+from core.encoders import Encoder, build_trained_encoder
+from core.errors import CaptionScopeError, CheckpointError, ConfigError
 from core.io_utils import sha256_file
 from core.images import ImageLimits, content_hash, load_image, read_source_bytes
 from core.model import ShowAttendTell
-from core.text import Vocabulary
+from core.text import END, Vocabulary
 
 ImageSource = str | Path | bytes | BinaryIO
 
 
 @dataclass
 class CaptionResult:
+    """One image's captions, as the CLIs print them and the dashboard shows (and caches: it pickles)."""
     name: str
     hypotheses: list[Hypothesis]            # n-best, best first
     words: list[list[str]]                  # words of each hypothesis
@@ -42,6 +44,10 @@ class CaptionResult:
     def caption(self) -> str:
         return " ".join(self.words[0]) if self.words else ""
 
+    def tokens(self, index: int) -> list[str]:
+        """Words of hypothesis `index` plus <end> when it finished: one per attention row."""
+        return self.words[index] + ([END] if self.hypotheses[index].finished else [])
+
 
 @dataclass
 class CaptionFailure:
@@ -49,12 +55,23 @@ class CaptionFailure:
     error: str                              # one line for the user
 
 
+def checkpoint_encoder(ckpt: Checkpoint, weights: str | Path = "imagenet") -> Encoder:
+    """The encoder `ckpt` was trained with (input size, fine-tuned tensors on top of `weights`)."""
+    try:
+        return build_trained_encoder(ckpt.encoder, ckpt.encoder_state, weights)
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
+
+
 class Captioner:
-    def __init__(self, model: ShowAttendTell, vocab: Vocabulary, encoder: Encoder, *, metadata: dict | None = None,
-                 path: Path | None = None, device: str = "cpu", cache_size: int = 256):
+    def __init__(self, model: ShowAttendTell, vocab: Vocabulary, encoder: Encoder, *,
+                 metadata: CheckpointMetadata | None = None, path: Path | None = None, device: str = "cpu",
+                 cache_size: int = 256, checkpoint_sha256: str | None = None, encoder_weights_match: bool = True):
         self.model, self.vocab = model.to(device).eval(), vocab
         self.encoder = encoder.to(device).eval()
-        self.metadata, self.path, self.device = metadata or {}, path, device
+        self.metadata, self.path, self.device = metadata, path, device
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.encoder_weights_match = encoder_weights_match   # False: not the encoder the decoder was trained on
         self._cache: OrderedDict[str, tuple[torch.Tensor, Image.Image]] = OrderedDict()
         self._cache_size, self._lock = cache_size, threading.Lock()
 
@@ -65,31 +82,42 @@ class Captioner:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = load_checkpoint(path)
         enc_meta = ckpt.encoder
-        encoder = build_encoder(enc_meta["name"], encoder_weights or "imagenet")
-        if ckpt.encoder_state:
-            encoder.backbone.load_state_dict(ckpt.encoder_state, strict=True)
-        metadata = {**ckpt.metadata, "checkpoint_sha256": sha256_file(path), "encoder_weights_match": (
-            not enc_meta.get("weights_sha256") or encoder.weights_sha256 == enc_meta["weights_sha256"]
-            or bool(ckpt.encoder_state))}
-        return cls(ckpt.model, ckpt.vocab, encoder, metadata=metadata, path=Path(path), device=device)
+        encoder = checkpoint_encoder(ckpt, encoder_weights or "imagenet")
+        whole_backbone = bool(ckpt.encoder_state) and not enc_meta.get("tail_stages")   # a tail sits on the base
+        match = (not enc_meta.get("weights_sha256") or encoder.weights_sha256 == enc_meta["weights_sha256"]
+                 or whole_backbone)
+        return cls(ckpt.model, ckpt.vocab, encoder, metadata=ckpt.metadata, path=Path(path), device=device,
+                   checkpoint_sha256=sha256_file(path), encoder_weights_match=match)
 
     # -- facts the UIs show ----------------------------------------------------------------------
+    @property
+    def encoder_meta(self) -> dict:
+        """The checkpoint's encoder metadata (name, weights sha256, image size, fine-tuned tail)."""
+        if self.metadata is not None:
+            return self.metadata.encoder
+        return {"name": self.encoder_name, "fine_tuned": False, "weights_sha256": self.encoder.weights_sha256,
+                "image_size": self.encoder.spec.image_size}
+
     @property
     def encoder_name(self) -> str:
         return self.encoder.spec.name
 
     @property
     def encoder_sha256(self) -> str | None:
-        return self.metadata.get("encoder", {}).get("weights_sha256") or self.encoder.weights_sha256
+        return self.encoder_meta.get("weights_sha256") or self.encoder.weights_sha256
 
     @property
     def checkpoint_id(self) -> str:
         """Identity of the weights, for cache keys: the checkpoint file's sha256 (or the object's id)."""
-        return self.metadata.get("checkpoint_sha256") or f"mem-{id(self.model)}"
+        return self.checkpoint_sha256 or f"mem-{id(self.model)}"
 
     @property
     def fine_tuned(self) -> bool:
-        return bool(self.metadata.get("encoder", {}).get("fine_tuned"))
+        return bool(self.encoder_meta.get("fine_tuned"))
+
+    def default_decoding(self) -> DecodingConfig:
+        """The checkpoint's default decoding settings (library defaults without a checkpoint)."""
+        return self.metadata.decoding_config() if self.metadata is not None else DecodingConfig()
 
     @property
     def grid(self) -> int:
@@ -122,7 +150,7 @@ class Captioner:
     # -- captions ----------------------------------------------------------------------------------
     def decode(self, features: torch.Tensor, decoding: DecodingConfig) -> list[list[Hypothesis]]:
         """Decode a (B, L, C) batch of features."""
-        return generate(self.model, features.to(self.device).float(), decoding, unk_id=self.vocab.unk_id)
+        return generate(self.model, features.to(self.device).float(), decoding)
 
     def words(self, hyp: Hypothesis) -> list[str]:
         return self.vocab.decode_tokens(hyp.token_ids)
@@ -130,7 +158,6 @@ class Captioner:
     def caption(self, source: ImageSource, decoding: DecodingConfig, *, name: str | None = None,
                 limits: ImageLimits = ImageLimits()) -> CaptionResult:
         """Caption one image (path, bytes or an uploaded file); raises ImageError on a bad image."""
-        decoding.validate()
         t0 = time.perf_counter()
         feats, image, cached, _ = self.features(source, name=name, limits=limits)
         t1 = time.perf_counter()

@@ -13,7 +13,9 @@ Metadata keys (all strings; the structured ones hold JSON):
     dtype           "float16" | "bfloat16" | "float32": storage dtype of the weights
     model_config    JSON: `ModelConfig.to_dict()`
     vocab           JSON: `Vocabulary.to_dict()`
-    encoder         JSON: {name, weights_sha256, weights_source, fine_tuned}
+    encoder         JSON: {name, weights_sha256, weights_source, fine_tuned, image_size, grid, tail_stages}
+                    (image_size 224 / grid 7 when absent; tail_stages: how many of the encoder's last
+                    stages the "encoder." tensors hold, 0 = the whole backbone)
     training        JSON: summary dict (epochs, best score, data, ...)
     decoding        JSON: default `DecodingConfig` dict ({} = library defaults)
     tensors_sha256  sha256 of the tensor-data section, so silent corruption is caught on load
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,18 +39,15 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from core.checkpoint_metadata import FORMAT, FORMAT_VERSION, CheckpointMetadata, parse_metadata
+from core.encoders import grid_for
 from core.errors import CaptionScopeError, CheckpointError
 from core.io_utils import atomic_write_bytes, sha256_bytes
 from core.model import ModelConfig, ShowAttendTell
 from core.text import Vocabulary
 
-FORMAT = "captionscope-checkpoint"
-FORMAT_VERSION = "1"
-SUPPORTED_FORMAT_VERSIONS = ("1",)
 SUFFIX = ".safetensors"
 ENCODER_PREFIX = "encoder."
-REQUIRED_METADATA = ("format", "format_version", "model_config", "vocab", "encoder", "training", "decoding")
-JSON_METADATA = ("model_config", "vocab", "encoder", "training", "decoding")
 
 DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_CHECKPOINT_NAME = "captionscope-lite2.safetensors"
@@ -69,7 +70,7 @@ class Checkpoint:
     decoding: dict
     path: Path | None = None
     encoder_state: dict[str, Tensor] | None = None   # only when the encoder was fine-tuned (prefix stripped)
-    metadata: dict = field(default_factory=dict)     # everything `read_metadata` returns
+    metadata: CheckpointMetadata | None = None       # the header, as `read_metadata` returns it
 
     @property
     def config(self) -> ModelConfig:
@@ -156,11 +157,8 @@ def _to_json(path: Path, key: str, obj: Any) -> str:
 
 
 # -- reading the header (cheap) ---------------------------------------------------------------------
-def read_metadata(path: str | Path) -> dict:
-    """Validated metadata of a checkpoint, reading only its header (the dashboard lists files with it).
-
-    JSON-valued keys come back decoded (dicts); plain keys (format, format_version, created, dtype) as str.
-    """
+def read_metadata(path: str | Path) -> CheckpointMetadata:
+    """Validated metadata of a checkpoint, reading only its header (the dashboard lists files with it)."""
     path = Path(path)
     size = _file_size(path)
     with open(path, "rb") as f:
@@ -168,7 +166,7 @@ def read_metadata(path: str | Path) -> dict:
         header_len = _header_length(path, head, size)
         header_bytes = f.read(header_len)
     header = _parse_header(path, head + header_bytes, size)
-    return _parse_metadata(path, header)
+    return parse_metadata(path, header)
 
 
 def _file_size(path: Path) -> int:
@@ -221,43 +219,6 @@ def _parse_header(path: Path, raw: bytes | memoryview, size: int) -> dict:
     return header
 
 
-def _parse_metadata(path: Path, header: dict) -> dict:
-    raw = header.get("__metadata__")
-    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
-        raise CheckpointError(f"{path} is not a CaptionScope checkpoint (no string metadata in its header)")
-    if raw.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a CaptionScope checkpoint (format is {raw.get('format')!r}, "
-                              f"expected {FORMAT!r})")
-    version = raw.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise CheckpointError(f"{path}: checkpoint format_version {version!r} is not supported by this "
-                              f"CaptionScope (supported: {', '.join(SUPPORTED_FORMAT_VERSIONS)})")
-    missing = [k for k in REQUIRED_METADATA if k not in raw]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint metadata is missing {', '.join(missing)}")
-    meta: dict[str, Any] = dict(raw)
-    for key in JSON_METADATA:
-        try:
-            meta[key] = json.loads(raw[key])
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON ({e.msg})") from None
-        if not isinstance(meta[key], dict):
-            raise CheckpointError(f"{path}: metadata {key!r} must be a JSON object, got "
-                                  f"{type(meta[key]).__name__}")
-    _check_encoder_meta(path, meta["encoder"])
-    return meta
-
-
-def _check_encoder_meta(path: Path, enc: dict) -> None:
-    if not isinstance(enc.get("name"), str) or not enc["name"]:
-        raise CheckpointError(f"{path}: metadata 'encoder' needs a non-empty 'name'")
-    if not isinstance(enc.get("fine_tuned"), bool):
-        raise CheckpointError(f"{path}: metadata 'encoder.fine_tuned' must be true or false")
-    for key in ("weights_sha256", "weights_source"):
-        if enc.get(key) is not None and not isinstance(enc[key], str):
-            raise CheckpointError(f"{path}: metadata 'encoder.{key}' must be a string or null")
-
-
 # -- loading ----------------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Validate and load a checkpoint; the model comes back in float32 and eval mode."""
@@ -267,10 +228,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     size = len(data)
     header_len = _header_length(path, data[:8], size)
     header = _parse_header(path, memoryview(data)[:8 + header_len], size)
-    meta = _parse_metadata(path, header)
-    config = _model_config(path, meta["model_config"])
+    meta = parse_metadata(path, header)
+    config = _model_config(path, meta.model_config)
     try:
-        vocab = Vocabulary.from_dict(meta["vocab"], source=f"{path}: vocab")
+        vocab = Vocabulary.from_dict(meta.vocab, source=f"{path}: vocab")
     except CaptionScopeError as e:
         raise CheckpointError(str(e)) from None
     if len(vocab) != config.vocab_size:
@@ -280,11 +241,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     stored = {name: (tuple(e["shape"]), e["dtype"]) for name, e in header.items() if name != "__metadata__"}
     decoder_stored = {k: v for k, v in stored.items() if not k.startswith(ENCODER_PREFIX)}
     _check_weights_match(path, config, decoder_stored)
+    side = grid_for(meta.encoder.get("image_size", 224))
+    recorded = "grid" in meta.encoder or "image_size" in meta.encoder   # older files record neither
+    if recorded and config.num_regions != side * side:
+        raise CheckpointError(f"{path}: model_config.num_regions is {config.num_regions} but the encoder's "
+                              f"{meta.encoder.get('image_size', 224)} px input gives {side}x{side} = "
+                              f"{side * side} regions")
     has_encoder = len(decoder_stored) < len(stored)
-    if meta["encoder"]["fine_tuned"] != has_encoder:
-        raise CheckpointError(f"{path}: metadata says encoder fine_tuned={meta['encoder']['fine_tuned']} "
+    if meta.encoder["fine_tuned"] != has_encoder:
+        raise CheckpointError(f"{path}: metadata says encoder fine_tuned={meta.encoder['fine_tuned']} "
                               f"but the file {'has' if has_encoder else 'has no'} '{ENCODER_PREFIX}*' tensors")
-    expected_sha = meta.get("tensors_sha256")
+    expected_sha = meta.tensors_sha256
     if expected_sha is not None and sha256_bytes(memoryview(data)[8 + header_len:]) != expected_sha:
         raise CheckpointError(f"{path}: tensor data does not match its recorded sha256 (file corrupted?)")
 
@@ -304,24 +271,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     if has_encoder:
         encoder_state = {k[len(ENCODER_PREFIX):]: (t.to(torch.float32) if t.is_floating_point() else t).to(device)
                          for k, t in tensors.items() if k.startswith(ENCODER_PREFIX)}
-    return Checkpoint(model=model, vocab=vocab, encoder=meta["encoder"], training=meta["training"],
-                      decoding=meta["decoding"], path=path, encoder_state=encoder_state, metadata=meta)
+    return Checkpoint(model=model, vocab=vocab, encoder=meta.encoder, training=meta.training,
+                      decoding=meta.decoding, path=path, encoder_state=encoder_state, metadata=meta)
 
 
 def _model_config(path: Path, d: dict) -> ModelConfig:
     try:
         config = ModelConfig.from_dict(d)
     except CaptionScopeError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    for name in ("vocab_size", "encoder_dim", "num_regions", "embed_dim", "attention_dim", "decoder_dim"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CheckpointError(f"{path}: model_config.{name} must be a positive integer, got {value!r}")
-    if isinstance(config.dropout, bool) or not isinstance(config.dropout, (int, float)) \
-            or not 0 <= config.dropout < 1:
-        raise CheckpointError(f"{path}: model_config.dropout must be in [0, 1), got {config.dropout!r}")
-    if not isinstance(config.deep_output, bool):
-        raise CheckpointError(f"{path}: model_config.deep_output must be true or false")
+        raise CheckpointError(f"{path}: {e}") from None     # ModelConfig validates its own values
     return config
 
 
@@ -419,6 +377,39 @@ def resolve_checkpoint(name_or_path: str | Path, folder: str | Path | None = Non
     if not candidate.is_file():
         raise CheckpointError(f"checkpoint not found: {candidate}")
     return candidate
+
+
+def upload_file_name(name: str) -> str:
+    """The file name an uploaded checkpoint is kept, listed and shown under: the stem of `name` reduced to
+    ASCII letters, digits, '.', '_' and '-' (no path, control or bidi characters), at most 100 of them."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(name)).stem).strip("._")[:100].strip("._")
+    return f"{stem or 'checkpoint'}{SUFFIX}"
+
+
+def save_uploaded_checkpoint(folder: str | Path, name: str, data: bytes) -> Path:
+    """Validate uploaded checkpoint bytes and keep them in `folder` under a safe version of `name`.
+
+    The bytes go to a hidden temporary name first (never listed) and are fully loaded (header, shapes,
+    hashes); only a checkpoint that loads is renamed into the folder, so a bad upload never reaches the
+    picker. Raises CheckpointError with the loader's one-line message, naming the cleaned file name (what
+    the disk, the picker and messages show), never the temp file.
+    """
+    file_name = upload_file_name(name)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = sha256_bytes(data)
+    temp = folder / f".upload-{digest[:16]}{SUFFIX}"
+    atomic_write_bytes(temp, data)
+    try:
+        load_checkpoint(temp)
+    except CaptionScopeError as e:
+        temp.unlink(missing_ok=True)
+        raise CheckpointError(str(e).replace(str(temp), file_name).splitlines()[0]) from None
+    target = folder / file_name
+    if target.exists() and sha256_bytes(target.read_bytes()) != digest:
+        target = folder / f"{target.stem}-{digest[:8]}{SUFFIX}"
+    os.replace(temp, target)
+    return target
 
 
 def default_checkpoint_path(*, must_exist: bool = True) -> Path:

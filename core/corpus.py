@@ -6,18 +6,20 @@ on disk, keyed by everything that determines them (checkpoint file hash, decodin
 list). A cache file is only trusted if it carries exactly the key being looked up: a truncated, corrupt or
 foreign file is ignored and the work redone.
 
-    preds = caption_split(captioner, items, DecodingConfig(beam_size=3), cache=CaptionCache())
+    preds = caption_split(captioner, items, DecodingConfig(beam_size=3), cache=CaptionCache()).captions
     scores = score_split(preds, items, cache=cache)
     df = filter_table(browse_table(items, preds, scores), "dog", "references", "CIDEr-D", ascending=False)
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -26,12 +28,14 @@ import pandas as pd
 import torch
 
 from core.data import ImageCaptions
-from core.decoding import DecodingConfig, Hypothesis
+from core.decoding import DecodingConfig, Hypothesis, generate
 from core.errors import ConfigError, DataError
-from core.features import FeatureStore, open_features
+from core.features import FeatureStore, model_features
 from core.images import load_image
 from core.io_utils import atomic_write_json
 from core.metrics import METRIC_NAMES, Scores, score_captions
+from core.model import ShowAttendTell
+from core.text import Vocabulary
 
 CACHE_FORMAT = "captionscope-corpus-cache/1"
 CACHE_ENV = "CAPTIONSCOPE_CACHE_DIR"
@@ -52,7 +56,6 @@ def compare_beams(captioner, features: torch.Tensor, widths: Sequence[int], base
     rows = []
     for width in widths:
         config = dataclasses.replace(base, beam_size=int(width), num_return_sequences=1, do_sample=False)
-        config.validate()
         t0 = time.perf_counter()
         hyp = captioner.decode(features, config)[0][0]
         ms = (time.perf_counter() - t0) * 1e3
@@ -65,8 +68,9 @@ def compare_beams(captioner, features: torch.Tensor, widths: Sequence[int], base
 # -- on-disk cache --------------------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else REPO_ROOT / ".cache" / "captionscope"
+    """$CAPTIONSCOPE_CACHE_DIR, else the repo's .cache/captionscope/ (the CLIs and the dashboard share it)."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    return Path(value).expanduser() if value else REPO_ROOT / ".cache" / "captionscope"
 
 
 def images_hash(images: Sequence[str]) -> str:
@@ -139,9 +143,6 @@ class CaptionCache:
             self._memory.pop(_canonical(key), None)
         self.path_for(key).unlink(missing_ok=True)
 
-    def clear_memory(self) -> None:
-        if self._memory is not None:
-            self._memory.clear()
 
 
 # -- captioning a split ----------------------------------------------------------------------------------
@@ -152,62 +153,73 @@ def _cacheable(decoding: DecodingConfig) -> bool:
 
 
 def _open_store(captioner, features_dir: str | Path | None, split: str) -> FeatureStore | None:
-    if features_dir is None or captioner.fine_tuned:   # a fine-tuned encoder makes other features
+    if features_dir is None:
         return None
-    try:
-        return open_features(features_dir, captioner.encoder_name, split, weights_sha256=captioner.encoder_sha256)
+    try:   # a wholly fine-tuned encoder makes other features than any cache: DataError too
+        return model_features(captioner.encoder_meta, features_dir, split, captioner.encoder)
     except DataError:
         return None
 
 
-def _entry(captioner, hyp: Hypothesis) -> dict:
-    return {"caption": " ".join(captioner.words(hyp)), "logprob": float(hyp.logprob),
+def _entry(vocab: Vocabulary, hyp: Hypothesis) -> dict:
+    return {"caption": vocab.decode(hyp.token_ids), "logprob": float(hyp.logprob),
             "length": len(hyp.token_ids), "finished": bool(hyp.finished)}
+
+
+def best_entries(decode: Callable[[torch.Tensor, DecodingConfig], list[list[Hypothesis]]], vocab: Vocabulary,
+                 features: torch.Tensor, decoding: DecodingConfig) -> list[dict]:
+    """The one decode step of every corpus run: the best hypothesis of each (B, L, C) row as an entry
+    {"caption", "logprob", "length", "finished"}."""
+    return [_entry(vocab, nbest[0]) for nbest in decode(features, decoding)]
+
+
+def decode_store(model: ShowAttendTell, vocab: Vocabulary, store: FeatureStore, images: Sequence[str],
+                 decoding: DecodingConfig, *, batch_size: int = 100, device: str = "cpu") -> dict[str, str]:
+    """Best caption per image name from a feature store (training's dev evaluation: no Captioner, no cache)."""
+    row = store.index_of()
+    captions: dict[str, str] = {}
+    decode = functools.partial(generate, model)
+    for start in range(0, len(images), batch_size):
+        names = list(images[start:start + batch_size])
+        feats = store.get(np.asarray([row[n] for n in names])).to(device)
+        captions.update((n, e["caption"]) for n, e in zip(names, best_entries(decode, vocab, feats, decoding)))
+    return captions
+
+
+@dataclass
+class SplitCaptions:
+    """What `caption_split` returns: the best caption of every image, and how it was obtained."""
+    captions: dict[str, dict]        # image -> {"caption", "logprob", "length", "finished"}, in item order
+    decode_s: float = 0.0            # compute time (of the run that made a cached result)
+    source: str = "cache"            # "features", "images", "features+images" or "cache"
+    from_cache: bool = False
 
 
 def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingConfig, *,
                   features_dir: str | Path | None = "features", split: str = "dev",
                   cache: CaptionCache | None = None, progress: Progress | None = None,
-                  batch_size: int = 50, info: dict | None = None,
-                  partial_every: int = 200) -> dict[str, dict]:
-    """Best caption of every image: {image: {"caption", "logprob", "length", "finished"}}.
+                  batch_size: int = 50, partial_every: int = 200) -> SplitCaptions:
+    """Best caption of every image of `items`, with where the features came from and the time it took.
 
     Features come from the feature cache `features_dir/<encoder>/<split>` for the images it holds (when it
     was made with this encoder's weights), the encoder runs on the image files for the rest. With `cache`,
     a finished result is reused, and work in progress is saved every `partial_every` images so a revisit
-    after a crash resumes. `progress(done, total)` is called after every batch. If `info` is a dict it is
-    filled with decode_s (compute time, or the cached run's), source and from_cache.
+    after a crash resumes. `progress(done, total)` is called after every batch.
     """
-    decoding.validate()
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     names = [it.image for it in items]
     if len(set(names)) != len(names):
         raise DataError(f"split {split!r}: image names are not unique")
     total = len(names)
-    use_cache = cache is not None and _cacheable(decoding)
-    key = partial_key = None
-    if use_cache:
-        key = CaptionCache.make_key("captions", checkpoint=captioner.checkpoint_id, decoding=decoding.to_dict(),
-                                    split=split, images=names)
-        hit = cache.get(key, names)
-        if isinstance(hit, dict) and isinstance(hit.get("captions"), dict) and set(hit["captions"]) == set(names):
-            if info is not None:
-                info.update(decode_s=float(hit.get("decode_s", 0.0)), source=hit.get("source", "cache"),
-                            from_cache=True)
-            if progress:
-                progress(total, total)
-            return {n: hit["captions"][n] for n in names}
-        partial_key = {**key, "kind": "captions-partial"}
-
-    done: dict[str, dict] = {}
-    elapsed = 0.0
-    if use_cache:
-        part = cache.get(partial_key, names)
-        if isinstance(part, dict) and isinstance(part.get("captions"), dict):
-            wanted = set(names)
-            done = {n: v for n, v in part["captions"].items() if n in wanted and isinstance(v, dict)}
-            elapsed = float(part.get("decode_s", 0.0))
+    run = _SplitRun(cache if cache is not None and _cacheable(decoding) else None, names, CaptionCache.make_key(
+        "captions", checkpoint=captioner.checkpoint_id, decoding=decoding.to_dict(), split=split, images=names))
+    hit = run.finished()
+    if hit is not None:
+        if progress:
+            progress(total, total)
+        return hit
+    done, elapsed = run.partial()
     store = _open_store(captioner, features_dir, split)
     row = store.index_of() if store is not None else {}
     todo = [it for it in items if it.image not in done]
@@ -218,35 +230,71 @@ def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingC
     for start in range(0, len(todo), batch_size):
         t0 = time.perf_counter()
         chunk = todo[start:start + batch_size]
-        cached_rows = [i for i, it in enumerate(chunk) if it.image in row]
-        image_rows = [i for i, it in enumerate(chunk) if it.image not in row]
-        parts: dict[int, torch.Tensor] = {}
-        if cached_rows:
-            got = store.get(np.asarray([row[chunk[i].image] for i in cached_rows]))
-            parts.update(zip(cached_rows, got))
-            sources.add("features")
-        if image_rows:
-            got = captioner.encode([load_image(chunk[i].path) for i in image_rows]).cpu()
-            parts.update(zip(image_rows, got))
-            sources.add("images")
-        feats = torch.stack([parts[i] for i in range(len(chunk))])
-        for it, nbest in zip(chunk, captioner.decode(feats, decoding)):
-            done[it.image] = _entry(captioner, nbest[0])
+        feats = _chunk_features(captioner, chunk, store, row, sources)
+        done.update(zip((it.image for it in chunk), best_entries(captioner.decode, captioner.vocab, feats, decoding)))
         elapsed += time.perf_counter() - t0
         since_save += len(chunk)
         if progress:
             progress(len(done), total)
-        if use_cache and since_save >= partial_every and len(done) < total:
-            cache.put(partial_key, {"captions": done, "decode_s": elapsed}, names)
+        if since_save >= partial_every and len(done) < total:
+            run.save_partial(done, elapsed)
             since_save = 0
-    source = "+".join(sorted(sources)) or "cache"
-    result = {n: done[n] for n in names}
-    if use_cache:
-        cache.put(key, {"captions": result, "decode_s": elapsed, "source": source}, names)
-        cache.discard(partial_key)
-    if info is not None:
-        info.update(decode_s=elapsed, source=source, from_cache=False)
+    result = SplitCaptions({n: done[n] for n in names}, elapsed, "+".join(sorted(sources)) or "cache")
+    run.save(result)
     return result
+
+
+def _chunk_features(captioner, chunk: Sequence[ImageCaptions], store: FeatureStore | None, row: dict[str, int],
+                    sources: set[str]) -> torch.Tensor:
+    """(B, L, C) features of `chunk`: from the feature store where it has the image, else from the file."""
+    cached_rows = [i for i, it in enumerate(chunk) if it.image in row]
+    image_rows = [i for i, it in enumerate(chunk) if it.image not in row]
+    parts: dict[int, torch.Tensor] = {}
+    if cached_rows:
+        parts.update(zip(cached_rows, store.get(np.asarray([row[chunk[i].image] for i in cached_rows]))))
+        sources.add("features")
+    if image_rows:
+        parts.update(zip(image_rows, captioner.encode([load_image(chunk[i].path) for i in image_rows]).cpu()))
+        sources.add("images")
+    return torch.stack([parts[i] for i in range(len(chunk))])
+
+
+@dataclass
+class _SplitRun:
+    """The cache entries of one `caption_split` run: the finished result and the work in progress."""
+    cache: CaptionCache | None
+    names: list[str]
+    key: dict
+
+    @property
+    def partial_key(self) -> dict:
+        return {**self.key, "kind": "captions-partial"}
+
+    def finished(self) -> SplitCaptions | None:
+        hit = self.cache.get(self.key, self.names) if self.cache is not None else None
+        if not (isinstance(hit, dict) and isinstance(hit.get("captions"), dict)
+                and set(hit["captions"]) == set(self.names)):
+            return None
+        return SplitCaptions({n: hit["captions"][n] for n in self.names}, float(hit.get("decode_s", 0.0)),
+                             hit.get("source", "cache"), from_cache=True)
+
+    def partial(self) -> tuple[dict[str, dict], float]:
+        part = self.cache.get(self.partial_key, self.names) if self.cache is not None else None
+        if not (isinstance(part, dict) and isinstance(part.get("captions"), dict)):
+            return {}, 0.0
+        wanted = set(self.names)
+        done = {n: v for n, v in part["captions"].items() if n in wanted and isinstance(v, dict)}
+        return done, float(part.get("decode_s", 0.0))
+
+    def save_partial(self, done: dict[str, dict], elapsed: float) -> None:
+        if self.cache is not None:
+            self.cache.put(self.partial_key, {"captions": done, "decode_s": elapsed}, self.names)
+
+    def save(self, result: SplitCaptions) -> None:
+        if self.cache is not None:
+            self.cache.put(self.key, {"captions": result.captions, "decode_s": result.decode_s,
+                                      "source": result.source}, self.names)
+            self.cache.discard(self.partial_key)
 
 
 # -- scores ------------------------------------------------------------------------------------------------
@@ -256,17 +304,19 @@ def _captions_of(predictions: Mapping[str, Any]) -> dict[str, str]:
 
 
 def score_split(predictions: Mapping[str, Any], items: Sequence[ImageCaptions], *, with_meteor: bool = True,
-                tokenizer: str = "ptb", cache: CaptionCache | None = None) -> Scores:
-    """Per-image and corpus BLEU-1..4, (METEOR), ROUGE-L, CIDEr-D of `predictions` (image -> caption or
-    caption_split entry) against the items' references. Cached by the content of predictions and references;
-    a result where a requested METEOR was skipped (Java trouble) is not cached."""
+                tokenizer: str = "ptb", cache: CaptionCache | None = None,
+                metrics: Sequence[str] = METRIC_NAMES) -> Scores:
+    """Per-image and corpus `metrics` (default BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; METEOR only
+    `with_meteor`) of `predictions` (image -> caption or caption_split entry) against the items' references.
+    With `cache`, cached by the content of predictions and references; a result where a requested METEOR
+    was skipped (Java trouble) is not cached."""
     captions = _captions_of(predictions)
     missing = [it.image for it in items if it.image not in captions]
     if missing:
         raise DataError(f"{len(missing)} image(s) have no prediction (first: {', '.join(missing[:3])})")
     preds = {it.image: captions[it.image] for it in items}
     refs = {it.image: list(it.captions) for it in items}
-    metrics = [m for m in METRIC_NAMES if with_meteor or m != "METEOR"]
+    metrics = [m for m in metrics if with_meteor or m != "METEOR"]
     key = None
     if cache is not None:
         digest = hashlib.sha256(_canonical([preds, refs]).encode()).hexdigest()
@@ -285,12 +335,14 @@ def score_split(predictions: Mapping[str, Any], items: Sequence[ImageCaptions], 
 # -- the browser table ---------------------------------------------------------------------------------------
 
 TABLE_METRICS = ("BLEU-4", "METEOR", "CIDEr-D")
+TABLE_REFERENCES = 5          # references in a table cell (Flickr8K's usual count); the detail view pages the rest
+MAX_REFERENCE_CHARS = 300     # per reference shown anywhere: a cell's payload stays bounded whatever the file holds
 SEARCH_WHERE = ("references", "caption", "both")
 
 
 def browse_table(items: Sequence[ImageCaptions], predictions: Mapping[str, Any], scores: Scores | None) -> pd.DataFrame:
-    """One row per image: image, path, caption, references (list), references_text, BLEU-4, METEOR, CIDEr-D,
-    length. A metric that was not computed (METEOR without Java) is NaN."""
+    """One row per image: image, path, caption, references (list), references_text (reference_preview: what
+    the table shows), BLEU-4, METEOR, CIDEr-D, length. A metric not computed (METEOR without Java) is NaN."""
     captions = _captions_of(predictions)
     per_image = scores.per_image if scores is not None else {}
     rows = []
@@ -298,11 +350,22 @@ def browse_table(items: Sequence[ImageCaptions], predictions: Mapping[str, Any],
         caption = captions.get(it.image, "")
         per = per_image.get(it.image, {})
         rows.append({"image": it.image, "path": str(it.path), "caption": caption, "references": list(it.captions),
-                     "references_text": " | ".join(it.captions),
+                     "references_text": reference_preview(it.captions),
                      **{m: float(per[m]) if m in per else math.nan for m in TABLE_METRICS},
                      "length": len(caption.split())})
     columns = ["image", "path", "caption", "references", "references_text", *TABLE_METRICS, "length"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def clip_text(text: str, max_chars: int = MAX_REFERENCE_CHARS) -> str:
+    return text if len(text) <= max_chars else text[:max_chars - 1] + "…"
+
+
+def reference_preview(references: Sequence[str], count: int = TABLE_REFERENCES) -> str:
+    """The first `count` references, each clipped, and how many more: a table cell of bounded size."""
+    shown = " | ".join(clip_text(r) for r in references[:count])
+    more = len(references) - count
+    return shown + (f" | … and {more:,} more" if more > 0 else "")
 
 
 def filter_table(df: pd.DataFrame, query: str, where: str = "both", sort_by: str = "CIDEr-D",
@@ -313,12 +376,13 @@ def filter_table(df: pd.DataFrame, query: str, where: str = "both", sort_by: str
         raise ConfigError(f"where must be one of {', '.join(SEARCH_WHERE)}, got {where!r}")
     if sort_by not in df.columns:
         raise ConfigError(f"cannot sort by {sort_by!r}: columns are {', '.join(map(str, df.columns))}")
+    references = df["references"].str.join(" | ")        # all of them, not just the ones a cell shows
     if where == "references":
-        text = df["references_text"]
+        text = references
     elif where == "caption":
         text = df["caption"]
     else:
-        text = df["caption"] + " | " + df["references_text"]
+        text = df["caption"] + " | " + references
     text = text.str.lower()
     mask = pd.Series(True, index=df.index)
     for term in (query or "").lower().split():
@@ -341,10 +405,10 @@ def beam_sweep(captioner, items: Sequence[ImageCaptions], widths: Sequence[int],
     rows = []
     for k, width in enumerate(widths):
         config = dataclasses.replace(base, beam_size=width, num_return_sequences=1, do_sample=False)
-        info: dict = {}
         step = (lambda d, t, k=k: progress(k * n + d, len(widths) * n)) if progress else None
-        preds = caption_split(captioner, items, config, features_dir=features_dir, split=split, cache=cache,
-                              progress=step, info=info)
+        run = caption_split(captioner, items, config, features_dir=features_dir, split=split, cache=cache,
+                            progress=step)
+        preds = run.captions
         scores = score_split(preds, items, with_meteor=with_meteor, tokenizer=tokenizer, cache=cache)
         row = {"width": width, "BLEU-4": scores.corpus.get("BLEU-4", math.nan),
                "CIDEr-D": scores.corpus.get("CIDEr-D", math.nan)}
@@ -352,6 +416,6 @@ def beam_sweep(captioner, items: Sequence[ImageCaptions], widths: Sequence[int],
             row["METEOR"] = scores.corpus.get("METEOR", math.nan)
         row.update(mean_length=float(np.mean([p["length"] for p in preds.values()])) if preds else 0.0,
                    finished=float(np.mean([p["finished"] for p in preds.values()])) if preds else 0.0,
-                   decode_s=float(info.get("decode_s", 0.0)))
+                   decode_s=run.decode_s)
         rows.append(row)
     return pd.DataFrame(rows)

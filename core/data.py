@@ -32,6 +32,10 @@ SPLIT_FILES = {split: f"Flickr_8k.{split}Images.txt" for split in SPLITS}
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "dev", "dev": "dev", "test": "test"}
 ENV_VAR = "FLICKR8K_DIR"
 _FIRST_FEW = 3
+# What a sane captions file looks like: Flickr8K/30k have 5 references per image (COCO 5-7), each a sentence
+# (Flickr8K's longest: 199 characters). Far more is a broken or padded file: loaded, but warned about.
+USUAL_MAX_REFERENCES = 20
+USUAL_MAX_CAPTION_CHARS = 500
 
 _TOKEN_LINE = re.compile(r"(\S+?)#(\d+)\s+(\S.*)")
 # The official token file names one image "2258277193_586949ec62.jpg.1"; the file is "....jpg".
@@ -59,6 +63,11 @@ class CaptionDataset:
             available = ", ".join(self.splits) or "none"
             raise DataError(f"{self.root}: no split {name!r} (available: {available})")
         return self.splits[name]
+
+    @property
+    def browse_split(self) -> str | None:
+        """The split the dashboard shows: "dev", else the first one there is (None for no splits)."""
+        return "dev" if "dev" in self.splits else next(iter(self.splits), None)
 
 
 def normalise_image_name(name: str) -> str:
@@ -298,7 +307,21 @@ def _assemble(images_root: Path, captions: dict[str, list[str]], split_images: d
     if in_two_splits:
         warnings.append(f"{len(in_two_splits)} images are listed in more than one split "
                         f"(first: {_first_few(in_two_splits)})")
-    return splits, warnings
+    return splits, warnings + unusual_captions([it for items in splits.values() for it in items])
+
+
+def unusual_captions(items: list[ImageCaptions]) -> list[str]:
+    """Warnings for images with far more references, or captions far longer, than a captioning dataset has."""
+    warnings = []
+    crowded = sorted((it for it in items if len(it.captions) > USUAL_MAX_REFERENCES), key=lambda it: -len(it.captions))
+    if crowded:
+        warnings.append(f"{len(crowded)} images have more than {USUAL_MAX_REFERENCES} references (usual: 5; most: "
+                        f"{len(crowded[0].captions):,} for {crowded[0].image}); tables show the first few")
+    long = [it.image for it in items if max(map(len, it.captions), default=0) > USUAL_MAX_CAPTION_CHARS]
+    if long:
+        warnings.append(f"{len(long)} images have captions over {USUAL_MAX_CAPTION_CHARS} characters "
+                        f"(first: {_first_few(long)}); pages show them cut")
+    return warnings
 
 
 def _first_few(names: list[str]) -> str:

@@ -7,11 +7,20 @@ Two encoders, one registry:
 - `densenet201`: torchvision's DenseNet201 (the original seed's choice), ImageNet weights from torchvision's
   cache/download or a local file. 1920 x 7 x 7 at 224 px, ImageNet mean/std.
 
-Images are resized to 224x224 with no crop, so the 7x7 attention grid covers the whole picture (and most of
-Flickr8K here is stored squashed to 224x224 anyway). `weights="none"` builds random weights, for tests.
+Images are resized to S x S with no crop (224 by default), so the attention grid covers the whole picture (and
+most of Flickr8K here is stored squashed to 224x224 anyway). Both backbones have stride 32: 224 px gives a 7x7
+grid, 260 px 9x9 (timm's TF "same" padding rounds up), 320 px 10x10. `weights="none"` builds random weights,
+for tests.
+
+Fine-tuning the top of the encoder on a CPU: the backbone is a `sequence` of modules whose last ones are the
+`stages`. `trunk(pixels, n)` runs everything before the last n stages (frozen: run once, cached by
+`core.features --tail-stages n`), `tail(activations, n)` runs those n stages (trained), so a training step
+costs the tail's forward and backward, not the whole network's.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 import warnings
@@ -42,6 +51,21 @@ class EncoderSpec:
     @property
     def num_regions(self) -> int:
         return self.grid * self.grid
+
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 64, 1024
+
+
+def grid_for(image_size: int) -> int:
+    """Side of the feature grid at `image_size` px: both backbones have stride 32 and round up."""
+    return math.ceil(image_size / 32)
+
+
+def feature_key(name: str, image_size: int = 224, tail_stages: int = 0) -> str:
+    """Folder name of a feature cache: the encoder, its input size (when not 224) and, for a cache of
+    activations entering the last n stages, `-tailN`. Different keys never share a cache."""
+    key = name if image_size == 224 else f"{name}@{image_size}"
+    return f"{key}-tail{tail_stages}" if tail_stages else key
 
 
 class _CompiledOrEager:
@@ -77,12 +101,13 @@ ENCODERS: dict[str, EncoderSpec] = {
 class Encoder(nn.Module):
     """Wraps a backbone: `preprocess` a PIL image, `forward` a batch to (B, L, C) region vectors."""
 
-    def __init__(self, spec: EncoderSpec, backbone: nn.Module, stages: list[nn.Module],
+    def __init__(self, spec: EncoderSpec, backbone: nn.Module, sequence: list[nn.Module], n_stages: int,
                  weights_sha256: str | None, weights_path: str | None):
         super().__init__()
         self.spec = spec
         self.backbone = backbone
-        self.stages = stages            # ordered blocks, last = closest to the output (for fine-tuning)
+        self.sequence = sequence        # applied in order, these modules are the whole feature extractor
+        self.stages = sequence[len(sequence) - n_stages:]   # last = closest to the output (for fine-tuning)
         self.weights_sha256 = weights_sha256
         self.weights_path = weights_path
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
@@ -103,9 +128,61 @@ class Encoder(nn.Module):
         return fmap.flatten(2).transpose(1, 2)
 
     def _features(self, x: Tensor) -> Tensor:
-        if self.spec.name == "densenet201":
-            return torch.relu(self.backbone.features(x))   # torchvision applies this ReLU in forward()
-        return self.backbone.forward_features(x)
+        for module in self.sequence:
+            x = module(x)
+        return x
+
+    def _check_tail(self, n: int) -> None:
+        if not 1 <= n <= len(self.stages):
+            raise ConfigError(f"{self.spec.name}: tail stages must be 1..{len(self.stages)}, got {n}")
+
+    def trunk(self, pixels: Tensor, n: int) -> Tensor:
+        """(B, 3, S, S) pixels -> (B, L', C') activations entering the last `n` stages, regions row-major."""
+        self._check_tail(n)
+        x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
+        x = (x - self.mean) / self.std
+        for module in self.sequence[: len(self.sequence) - n]:
+            x = module(x)
+        return x.flatten(2).transpose(1, 2)
+
+    def tail(self, activations: Tensor, n: int) -> Tensor:
+        """(B, L', C') activations from `trunk(..., n)` -> (B, L, C) region features, as `forward` gives."""
+        self._check_tail(n)
+        side = math.isqrt(activations.shape[1])
+        x = activations.transpose(1, 2).reshape(activations.shape[0], activations.shape[2], side, side)
+        for module in self.sequence[len(self.sequence) - n:]:
+            x = module(x.contiguous(memory_format=torch.channels_last))
+        return x.flatten(2).transpose(1, 2)
+
+    def tail_prefixes(self, n: int) -> list[str]:
+        """The backbone state_dict prefixes of the last `n` stages (what a fine-tuned checkpoint stores)."""
+        self._check_tail(n)
+        names = {id(m): name for name, m in self.backbone.named_modules()}
+        out = []
+        for stage in self.stages[len(self.stages) - n:]:
+            members = stage if isinstance(stage, _Group) else [stage]
+            out += [names[id(m)] + "." for m in members if id(m) in names]   # a bare ReLU has no name
+        return out
+
+    def tail_state_dict(self, n: int) -> dict[str, Tensor]:
+        prefixes = tuple(self.tail_prefixes(n))
+        return {k: v for k, v in self.backbone.state_dict().items() if k.startswith(prefixes)}
+
+    def load_encoder_state(self, state: dict[str, Tensor], tail_stages: int | None) -> None:
+        """Load a checkpoint's encoder tensors: the whole backbone, or exactly the last `tail_stages` stages.
+        Any other set of names, or a shape that differs, is refused with the difference named."""
+        own = self.backbone.state_dict()
+        expected = set(own) if not tail_stages else set(self.tail_state_dict(tail_stages))
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ConfigError(f"encoder tensors do not match {self.spec.name}'s "
+                              f"{'tail of ' + str(tail_stages) + ' stages' if tail_stages else 'backbone'}: "
+                              f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
+                              f"unexpected {extra[:3]}{'…' if len(extra) > 3 else ''}")
+        for k, t in state.items():
+            if tuple(t.shape) != tuple(own[k].shape):
+                raise ConfigError(f"encoder tensor {k}: shape {tuple(t.shape)} != {tuple(own[k].shape)}")
+        self.backbone.load_state_dict({**own, **state}, strict=True)
 
     def inference_forward(self) -> Callable[[Tensor], Tensor]:
         """`forward` for bulk inference: through torch.compile where it works (inductor fuses each block's
@@ -126,12 +203,34 @@ class Encoder(nn.Module):
         self.trainable_blocks = n
 
 
-def build_encoder(name: str, weights: str | Path = "imagenet") -> Encoder:
-    """`weights`: "imagenet" (the encoder's usual source), "none" (random, for tests) or a local file path."""
+class _Group(nn.Sequential):
+    """Several backbone modules run as one step of the sequence (e.g. the 1x1 head conv and its BN)."""
+
+
+def encoder_spec(name: str, image_size: int = 224) -> EncoderSpec:
+    """The spec of encoder `name` at `image_size` px (its grid follows), validated."""
     if name not in ENCODERS:
         raise ConfigError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
-    spec = ENCODERS[name]
+    if type(image_size) is not int or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"image size must be an integer in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} px, got {image_size!r}")
+    return dataclasses.replace(ENCODERS[name], image_size=image_size, grid=grid_for(image_size))
+
+
+def build_encoder(name: str, weights: str | Path = "imagenet", image_size: int = 224) -> Encoder:
+    """`weights`: "imagenet" (the encoder's usual source), "none" (random, for tests) or a local file path.
+    `image_size`: the square input side in px; the grid is `grid_for(image_size)`."""
+    spec = encoder_spec(name, image_size)
     return _build_lite2(spec, weights) if name == "efficientnet_lite2" else _build_densenet(spec, weights)
+
+
+def build_trained_encoder(meta: dict, encoder_state: dict[str, Tensor] | None,
+                          weights: str | Path = "imagenet") -> Encoder:
+    """The encoder a checkpoint's metadata `meta` describes: its input size, and its fine-tuned tensors (the
+    whole backbone, or exactly its last `tail_stages` stages) loaded over `weights`. Mismatches are refused."""
+    encoder = build_encoder(meta["name"], weights, meta.get("image_size", 224))
+    if encoder_state:
+        encoder.load_encoder_state(encoder_state, meta.get("tail_stages", 0))
+    return encoder
 
 
 # -- EfficientNet-Lite2 --------------------------------------------------------------------------------
@@ -211,8 +310,9 @@ def _build_lite2(spec: EncoderSpec, weights: str | Path) -> Encoder:
         except RuntimeError as e:
             raise ConfigError(f"{path} does not fit tf_efficientnet_lite2: {str(e).splitlines()[0]}") from None
         sha = sha256_file(path)
-    stages = [*model.blocks, nn.ModuleList([model.conv_head, model.bn2])]
-    return Encoder(spec, model.eval(), stages, sha, str(path) if path else None)
+    # timm's forward_features, step by step; bn1/bn2 are BatchNormAct2d (BN + activation)
+    sequence = [_Group(model.conv_stem, model.bn1), *model.blocks, _Group(model.conv_head, model.bn2)]
+    return Encoder(spec, model.eval(), sequence, len(model.blocks) + 1, sha, str(path) if path else None)
 
 
 # -- DenseNet201 ---------------------------------------------------------------------------------------
@@ -246,6 +346,7 @@ def _build_densenet(spec: EncoderSpec, weights: str | Path) -> Encoder:
     if path is not None and Path(path).is_file():
         sha = sha256_file(path)
     f = model.features
-    stages = [f.denseblock1, f.transition1, f.denseblock2, f.transition2, f.denseblock3, f.transition3,
-              nn.ModuleList([f.denseblock4, f.norm5])]
-    return Encoder(spec, model.eval(), stages, sha, str(path) if path else None)
+    # torchvision's features + the ReLU that its forward() applies after them
+    sequence = [_Group(f.conv0, f.norm0, f.relu0, f.pool0), f.denseblock1, f.transition1, f.denseblock2,
+                f.transition2, f.denseblock3, f.transition3, _Group(f.denseblock4, f.norm5, nn.ReLU())]
+    return Encoder(spec, model.eval(), sequence, len(sequence) - 1, sha, str(path) if path else None)

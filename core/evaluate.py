@@ -26,38 +26,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from core.corpus import caption_split, score_split
 from core.data import ImageCaptions, load_dataset
-from core.decoding import DecodingConfig, generate
+from core.decoding import DecodingConfig
 from core.errors import ConfigError, cli_main
-from core.features import FeatureStore
 from core.grid import setting_id
 from core.io_utils import atomic_write_json, atomic_write_text
-from core.metrics import METRIC_NAMES, Scores, format_scores, score_captions
-from core.model import ShowAttendTell
-from core.text import Vocabulary
-
-
-def decode_store(model: ShowAttendTell, vocab: Vocabulary, store: FeatureStore, images: Sequence[str],
-                 decoding: DecodingConfig, *, batch_size: int = 100, device: str = "cpu",
-                 progress: bool = False) -> dict[str, str]:
-    """Best caption per image name, reading features from a cache."""
-    row = store.index_of()
-    captions: dict[str, str] = {}
-    for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="decoding", unit="batch"):
-        names = list(images[start:start + batch_size])
-        feats = store.get(np.asarray([row[n] for n in names])).to(device)
-        for name, nbest in zip(names, generate(model, feats, decoding, unk_id=vocab.unk_id)):
-            captions[name] = vocab.decode(nbest[0].token_ids)
-    return captions
-
-
-def score_predictions(predictions: dict[str, str], items: Sequence[ImageCaptions],
-                      metrics: Sequence[str] = METRIC_NAMES, tokenizer: str = "ptb") -> Scores:
-    references = {it.image: list(it.captions) for it in items}
-    return score_captions({k: predictions[k] for k in references}, references, metrics=metrics,
-                          tokenizer=tokenizer)
+from core.metrics import METRIC_NAMES, Scores, format_scores
 
 
 def captions_csv(predictions: dict[str, str], items: Sequence[ImageCaptions], scores: Scores) -> str:
@@ -75,18 +51,15 @@ def captions_csv(predictions: dict[str, str], items: Sequence[ImageCaptions], sc
 def evaluate_beam(captioner, items: Sequence[ImageCaptions], decoding: DecodingConfig, *,
                   features_dir: str | None, split: str) -> tuple[dict[str, str], Scores, dict]:
     """Decode `items` with one setting and score them; returns captions, scores and a summary dict."""
-    from core.corpus import caption_split
-
-    info: dict = {}
-    entries = caption_split(captioner, items, decoding, features_dir=features_dir, split=split, info=info)
-    predictions = {name: entry["caption"] for name, entry in entries.items()}
-    scores = score_predictions(predictions, items)
+    run = caption_split(captioner, items, decoding, features_dir=features_dir, split=split)
+    predictions = {name: entry["caption"] for name, entry in run.captions.items()}
+    scores = score_split(predictions, items)
     lengths = [len(c.split()) for c in predictions.values()]
     summary = {"checkpoint": str(captioner.path), "split": split, "images": len(items),
                "decoding": decoding.to_dict(), "metrics": scores.corpus, "notes": scores.notes,
                "mean_length": float(np.mean(lengths)) if lengths else 0.0,
                "vocabulary_used": len({w for c in predictions.values() for w in c.split()}),
-               "features_from": info.get("source"), "decode_time_s": info.get("decode_s")}
+               "features_from": run.source, "decode_time_s": run.decode_s}
     return predictions, scores, summary
 
 

@@ -199,3 +199,83 @@ def load_image(source: str | Path | bytes | BinaryIO, *, name: str | None = None
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+# -- display: every picture rendered from an image (overlays, grid panels, GIF frames, previews) -----------------
+
+@dataclass(frozen=True)
+class DisplayLimits:
+    """Bounds on what a rendering of an image may cost, whatever the image's shape.
+
+    Panels are sized from the image's aspect ratio, so a 1x1024 strip scaled to a 224 px wide panel would
+    be 229,000 px tall; beyond `max_aspect` the image is letterboxed instead (kept whole, padded).
+    """
+    max_side: int = 1024                  # longest side of one rendered picture (one panel, one frame)
+    max_aspect: float = 4.0               # longer / shorter side of a picture; beyond it: letterboxed
+    max_total_pixels: int = 16_000_000    # all panels of one grid (or frames of one GIF) together
+
+
+DISPLAY_LIMITS = DisplayLimits()
+DISPLAY_FILL = (241, 245, 249)            # letterbox padding: the dashboard's secondary background
+
+
+@dataclass(frozen=True)
+class DisplayBox:
+    """Where an image goes when shown: a `canvas` (w, h) and the `content` box (x0, y0, x1, y1) inside it."""
+    canvas: tuple[int, int]
+    content: tuple[int, int, int, int]
+
+    @property
+    def content_size(self) -> tuple[int, int]:
+        x0, y0, x1, y1 = self.content
+        return x1 - x0, y1 - y0
+
+
+def display_box(size: tuple[int, int], width: int | None = None, *, panels: int = 1,
+                limits: DisplayLimits = DISPLAY_LIMITS) -> DisplayBox:
+    """The bounded picture for an image of `size` = (W, H): the one helper every rendering path uses.
+
+    width=None keeps the image's own scale (long side capped at max_side); a width fixes the canvas width
+    (a grid panel, a GIF frame). The canvas never exceeds max_side per side nor max_aspect in shape, and
+    `panels` canvases together stay within max_total_pixels. The image keeps its aspect ratio inside it.
+    """
+    W, H = int(size[0]), int(size[1])
+    if W < 1 or H < 1:
+        raise ValueError(f"image size must be positive, got {size}")
+    aspect = limits.max_aspect
+    if width is None:
+        long_side = min(max(W, H), limits.max_side)
+        w, h = W * long_side / max(W, H), H * long_side / max(W, H)
+        w, h = max(w, long_side / aspect), max(h, long_side / aspect)
+    else:
+        w = float(min(max(int(width), 1), limits.max_side))
+        h = min(max(H * w / W, w / aspect), w * aspect)
+        if h > limits.max_side:
+            w, h = w * limits.max_side / h, float(limits.max_side)
+    budget = limits.max_total_pixels / max(int(panels), 1)
+    if w * h > budget:
+        shrink = (budget / (w * h)) ** 0.5
+        w, h = w * shrink, h * shrink
+    cw, ch = max(1, round(w)), max(1, round(h))
+    scale = min(cw / W, ch / H)
+    iw, ih = min(cw, max(1, round(W * scale))), min(ch, max(1, round(H * scale)))
+    x0, y0 = (cw - iw) // 2, (ch - ih) // 2
+    return DisplayBox((cw, ch), (x0, y0, x0 + iw, y0 + ih))
+
+
+def letterbox(content: Image.Image, box: DisplayBox, fill: tuple[int, int, int] = DISPLAY_FILL) -> Image.Image:
+    """`content` (resized to box.content_size if needed) pasted into its place on a `fill` canvas."""
+    content = content.convert("RGB")
+    if content.size != box.content_size:
+        content = content.resize(box.content_size, Image.BILINEAR)
+    if box.canvas == content.size:
+        return content
+    canvas = Image.new("RGB", box.canvas, fill)
+    canvas.paste(content, box.content[:2])
+    return canvas
+
+
+def fit_for_display(image: Image.Image, width: int | None = None, *,
+                    fill: tuple[int, int, int] = DISPLAY_FILL) -> Image.Image:
+    """The image as the dashboard shows it: within DISPLAY_LIMITS, extreme shapes letterboxed."""
+    return letterbox(image, display_box(image.size, width), fill)

@@ -1,4 +1,4 @@
-"""Atomic file writes and hashing.
+"""Atomic file writes, hashing, and user-supplied names made safe to show.
 
 Everything CaptionScope persists (checkpoints, caches, logs' snapshots) goes through `atomic_write_*`:
 write to a temporary file in the same folder, fsync, then `os.replace`. A kill at any moment leaves either
@@ -11,8 +11,12 @@ import hashlib
 import json
 import os
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any
+
+# Unicode control, format (bidi overrides, zero-width), line/paragraph separators, private use, surrogates
+_HIDDEN_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -55,6 +59,15 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def mtime_ns(path: str | Path) -> int:
+    """The file's modification time in ns, 0 if it cannot be read: part of cache keys, so a replaced file
+    is read again."""
+    try:
+        return Path(path).stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -65,3 +78,16 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def printable_name(name: str, max_chars: int = 120) -> str:
+    """A user-supplied name made safe to show: no control or format characters (U+202E and the other bidi
+    overrides would show "photo\\u202egpj.exe" as "photoexe.jpg"; zero-width characters hide text), runs of
+    whitespace as one space, at most `max_chars` characters (the middle elided)."""
+    kept = "".join(" " if c.isspace() else c for c in str(name)
+                   if c.isspace() or unicodedata.category(c) not in _HIDDEN_CATEGORIES)
+    kept = " ".join(kept.split())
+    if len(kept) > max_chars:
+        half = (max_chars - 1) // 2
+        kept = f"{kept[:half]}…{kept[len(kept) - (max_chars - 1 - half):]}"
+    return kept

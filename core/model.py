@@ -36,6 +36,16 @@ class ModelConfig:
     dropout: float = 0.5
     deep_output: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "encoder_dim", "num_regions", "embed_dim", "attention_dim", "decoder_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model_config.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"model_config.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.deep_output, bool):
+            raise ConfigError("model_config.deep_output must be true or false")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -28,25 +28,28 @@ import math
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
 from core.checkpoint import load_checkpoint, save_checkpoint
+from core.cli import add_config_arguments
+from core.corpus import decode_store, score_split
 from core.data import load_dataset
 from core.decoding import DecodingConfig, greedy
 from core.errors import ConfigError, cli_main
-from core.evaluate import decode_store, score_predictions
-from core.features import open_features
+from core.encoders import build_trained_encoder
+from core.features import model_features
 from core.io_utils import atomic_write_text
 from core.metrics import simple_tokenize
 from core.model import ShowAttendTell
-from core.text import Vocabulary
+from core.text import END_ID, NEVER_GENERATED_IDS, PAD_ID, START_ID, Vocabulary
 from core.train_state import load_train_state, save_train_state
 
 
@@ -71,13 +74,23 @@ class _FixedIdfCiderScorer(CiderScorer):
     ref_len = property(lambda self: self._ref_len, lambda self, value: None)
 
 
+def sentence_bleu4(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
+    """pycocoevalcap's per-sentence BLEU-4 ("closest" reference length) of each candidate."""
+    scorer = BleuScorer(n=4)
+    for caption, refs in zip(candidates, references, strict=True):
+        scorer += (" ".join(simple_tokenize(caption)), [" ".join(simple_tokenize(r)) for r in refs])
+    _, per_sentence = scorer.compute_score(option="closest", verbose=0)
+    return np.asarray(per_sentence[3], dtype=np.float64)
+
+
 class CiderDReward:
     """CIDEr-D of candidate captions against the references of their image, idf from `references` (all images)."""
 
-    def __init__(self, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0):
+    def __init__(self, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0,
+                 bleu_weight: float = 0.0):
         if not references:
             raise ConfigError("CIDEr-D reward needs at least one image with references")
-        self.n, self.sigma = n, sigma
+        self.n, self.sigma, self.bleu_weight, self.references = n, sigma, bleu_weight, references
         self.crefs = {key: cook_refs([simple_tokenize(c) for c in caps], n) for key, caps in references.items()}
         df: dict = defaultdict(float)
         for refs in self.crefs.values():           # same counting as CiderScorer.compute_doc_freq
@@ -92,30 +105,32 @@ class CiderDReward:
         for caption, image in zip(candidates, images, strict=True):
             scorer.crefs.append(self.crefs[image])
             scorer.ctest.append(cook_test(simple_tokenize(caption), self.n))
-        return np.asarray(scorer.compute_cider(), dtype=np.float64)
+        cider = np.asarray(scorer.compute_cider(), dtype=np.float64)
+        if not self.bleu_weight:
+            return cider
+        return cider + self.bleu_weight * sentence_bleu4(candidates, [self.references[im] for im in images])
 
 
 # -- sampling with gradients -------------------------------------------------------------------------------
 
 def sample_captions(model: ShowAttendTell, features: torch.Tensor, max_length: int, *, generator: torch.Generator,
-                    banned_ids: Sequence[int], start_id: int = 1, end_id: int = 2,
-                    pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial samples (R, T) (pad after <end>) and the summed log-prob of each (R,), with autograd."""
     R = features.shape[0]
     state = model.init_state(features)
-    tokens = torch.full((R,), start_id, dtype=torch.long)
+    tokens = torch.full((R,), START_ID, dtype=torch.long)
     done = torch.zeros(R, dtype=torch.bool)
     banned = torch.zeros(model.config.vocab_size, dtype=torch.bool)
-    banned[list(banned_ids)] = True
+    banned[list(NEVER_GENERATED_IDS)] = True
     total, emitted = features.new_zeros(R, dtype=torch.float32), []
     for _ in range(max_length):
         logits, _, _, state = model.step(tokens, state)
         logp = F.log_softmax(logits.float().masked_fill(banned, float("-inf")), dim=1)
         drawn = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
-        drawn = torch.where(done, torch.full_like(drawn, end_id), drawn)   # finished rows: ignored below
+        drawn = torch.where(done, torch.full_like(drawn, END_ID), drawn)   # finished rows: ignored below
         total = total + torch.where(done, 0.0, logp.gather(1, drawn[:, None]).squeeze(1))
-        emitted.append(torch.where(done, pad_id, drawn))
-        done = done | (drawn == end_id)
+        emitted.append(torch.where(done, PAD_ID, drawn))
+        done = done | (drawn == END_ID)
         tokens = drawn
         if bool(done.all()):
             break
@@ -140,21 +155,36 @@ class ScstConfig:
     eval_beam: int = 3
     eval_limit: int = 0
     eval_every_steps: int = 0     # 0 = once per epoch
+    bleu_weight: float = 0.0      # reward = CIDEr-D + w * sentence BLEU-4: w > 0 favours n-gram precision of
+                                  # longer phrases, which CIDEr-D alone trades for shorter captions
     max_steps: int = 0
     seed: int = 0
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+        if self.baseline not in ("greedy", "mean"):
+            raise ConfigError(f"--baseline must be greedy or mean, got {self.baseline!r}")
+        if min(self.batch_size, self.samples, self.epochs, self.max_length) < 1 \
+                or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError("--batch-size, --samples, --epochs and --max-length must be >= 1 and --lr > 0")
+        if min(self.max_steps, self.eval_every_steps, self.eval_limit) < 0:
+            raise ConfigError("--max-steps, --eval-every-steps and --eval-limit must be >= 0")
+        if not math.isfinite(self.bleu_weight) or self.bleu_weight < 0:
+            raise ConfigError(f"--bleu-weight must be a finite number >= 0, got {self.bleu_weight}")
 
 
 def scst_step(model: ShowAttendTell, optimizer: torch.optim.Optimizer, reward: CiderDReward, vocab: Vocabulary,
               feats: torch.Tensor, images: list[str], cfg: ScstConfig, generator: torch.Generator) -> dict:
     """One policy-gradient update on a batch of images; returns loss and mean rewards."""
     k = cfg.samples
-    greedy_hyps = greedy(model, feats, DecodingConfig(beam_size=1, max_length=cfg.max_length), unk_id=vocab.unk_id)
+    greedy_hyps = greedy(model, feats, DecodingConfig(beam_size=1, max_length=cfg.max_length))
     greedy_caps = [vocab.decode(h[0].token_ids) for h in greedy_hyps]
     model.train(cfg.keep_dropout)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         tokens, logprob = sample_captions(model, feats.repeat_interleave(k, dim=0), cfg.max_length,
-                                          generator=generator, banned_ids=[0, 1, vocab.unk_id])
+                                          generator=generator)
     sampled_caps = [vocab.decode(row) for row in tokens.tolist()]
     rows = [im for im in images for _ in range(k)]
     scores = reward(sampled_caps + greedy_caps, rows + list(images))
@@ -185,78 +215,126 @@ def _init_log_lines(init_path: Path, training: dict) -> list[str]:
     return lines
 
 
+@dataclass
+class _ScstRun:
+    """One SCST run's fixed parts: the init checkpoint, data, reward, files; and what it does with them."""
+    cfg: ScstConfig
+    resume: bool
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        self.init = load_checkpoint(cfg.init)
+        self.model, self.vocab = self.init.model, self.init.vocab
+        dataset = load_dataset(cfg.data)
+        self.train_items, dev_items = dataset.split("train"), dataset.split("dev")
+        # a fine-tuned encoder tail is run (frozen) over the cache of activations that enter it
+        init = self.init
+        tail = build_trained_encoder(init.encoder, init.encoder_state, "none").eval() if init.encoder_state else None
+        self.train_store, self.dev_store = (model_features(init.encoder, cfg.features, split, tail)
+                                            for split in ("train", "dev"))
+        self.row = self.train_store.index_of()
+        missing = [it.image for it in self.train_items if it.image not in self.row]
+        if missing:
+            raise ConfigError(f"{len(missing)} train images have no cached features (first: {missing[0]})")
+        self.reward = CiderDReward({it.image: it.captions for it in self.train_items}, bleu_weight=cfg.bleu_weight)
+        self.dev_eval = dev_items[: cfg.eval_limit] if cfg.eval_limit else dev_items
+        self.decoding = DecodingConfig(**{**self.init.decoding, "beam_size": cfg.eval_beam, "num_return_sequences": 1})
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path, self.last_path = self.out / "log.jsonl", self.out / "last.safetensors"
+        self.best_path, self.state_path = self.out / "best.safetensors", self.out / "train_state.safetensors"
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=True)
+        self.steps_per_epoch = max(len(self.train_items) // cfg.batch_size, 1)
+        self.xe_epoch = int(self.init.training.get("epoch", -1))
+
+    def evaluate(self) -> tuple[float, float, float]:
+        t0 = time.time()
+        predictions = decode_store(self.model, self.vocab, self.dev_store, [it.image for it in self.dev_eval],
+                                   self.decoding)
+        scores = score_split(predictions, self.dev_eval, metrics=("BLEU-4", "CIDEr-D"), tokenizer="simple")
+        return scores.corpus["BLEU-4"], scores.corpus["CIDEr-D"], time.time() - t0
+
+    def save(self, path: Path, dev: tuple[float, float], counters: dict, dtype: torch.dtype) -> None:
+        training = {"phase": "scst", "init": str(self.cfg.init), "config": asdict(self.cfg),
+                    "epoch": counters["epoch_value"], "steps": counters["steps"],
+                    "dev": {"BLEU-4": dev[0], "CIDEr-D": dev[1]}, "init_dev": counters["init_dev"], "log": "log.jsonl"}
+        save_checkpoint(path, self.model, self.vocab, encoder=self.init.encoder, training=training,
+                        decoding=self.decoding.to_dict(), dtype=dtype,
+                        encoder_state=self.init.encoder_state)   # a fine-tuned tail rides along
+
+    def start(self) -> tuple[dict, list[str]]:
+        """(counters, log lines): resumed from the last commit, or fresh with the init model scored and saved
+        as the first best.safetensors."""
+        if self.resume and self.last_path.is_file() and self.state_path.is_file():
+            self.model.load_state_dict(load_checkpoint(self.last_path).model.state_dict())   # float32: exact
+            counters = load_train_state(self.state_path, optimizer=self.optimizer, scheduler=None)
+            log_lines = [l for l in self.log_path.read_text().splitlines() if l.strip()][: counters["log_lines"]]
+            print(f"resuming after step {counters['steps']} (best dev CIDEr-D {counters['best_cider']:.3f})")
+        else:
+            bleu4, cider, _ = self.evaluate()
+            print(f"init model: dev BLEU-4 {100 * bleu4:.2f} CIDEr-D {cider:.3f} ({len(self.dev_eval)} images, "
+                  f"beam {self.cfg.eval_beam})", flush=True)
+            counters = {"steps": 0, "best_cider": cider, "epoch_value": self.xe_epoch, "log_lines": 0,
+                        "init_dev": {"BLEU-4": bleu4, "CIDEr-D": cider}}
+            self.save(self.best_path, (bleu4, cider), counters, torch.float16)
+            log_lines = _init_log_lines(Path(self.cfg.init), self.init.training)
+            counters["log_lines"] = len(log_lines)
+        atomic_write_text(self.log_path, "".join(l + "\n" for l in log_lines))
+        return counters, log_lines
+
+    def batch(self, step: int) -> tuple[list[str], torch.Tensor]:
+        """The images of optimiser step `step` (a seeded per-epoch order, so a resumed run sees the same)."""
+        epoch, b = divmod(step, self.steps_per_epoch)
+        size = self.cfg.batch_size
+        order = torch.randperm(len(self.train_items),
+                               generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+        images = [self.train_items[i].image for i in order[b * size:(b + 1) * size].tolist()]
+        with torch.no_grad():   # a fine-tuned tail runs here, frozen
+            return images, self.train_store.get(np.asarray([self.row[im] for im in images]))
+
+    def commit(self, counters: dict, log_lines: list[str], window: dict, train_time: float) -> None:
+        """Evaluate on dev, log one line, write best (if better) / last checkpoints and the train state."""
+        bleu4, cider, eval_time = self.evaluate()
+        counters["epoch_value"] = round(self.xe_epoch + counters["steps"] / self.steps_per_epoch, 4)
+        record = {"epoch": counters["epoch_value"], "phase": "scst", "steps": counters["steps"],
+                  "train_loss": float(np.mean(window["loss"])), "dev_bleu4": bleu4, "dev_cider_d": cider,
+                  "reward_sample": float(np.mean(window["reward_sample"])),
+                  "reward_greedy": float(np.mean(window["reward_greedy"])), "lr": self.cfg.lr,
+                  "epoch_time_s": train_time, "eval_time_s": eval_time,
+                  "samples_per_s": len(window["loss"]) * self.cfg.batch_size / max(train_time, 1e-9),
+                  "eval_beam": self.cfg.eval_beam, "eval_images": len(self.dev_eval), "time": time.time()}
+        if cider > counters["best_cider"]:
+            counters["best_cider"] = cider
+            self.save(self.best_path, (bleu4, cider), counters, torch.float16)
+        log_lines.append(json.dumps(record))
+        counters["log_lines"] = len(log_lines)
+        self.save(self.last_path, (bleu4, cider), counters, torch.float32)
+        save_train_state(self.state_path, optimizer=self.optimizer, scheduler=None, counters=counters)
+        atomic_write_text(self.log_path, "".join(l + "\n" for l in log_lines))
+        print(f"step {counters['steps']}: dev BLEU-4 {100 * bleu4:.2f} CIDEr-D {cider:.3f} | reward sample "
+              f"{record['reward_sample']:.3f} greedy {record['reward_greedy']:.3f} "
+              f"({train_time / len(window['loss']):.2f} s/step, eval {eval_time:.0f} s)", flush=True)
+
+
 def train_scst(cfg: ScstConfig, resume: bool = False) -> Path:
     """Run (or resume) SCST; returns the path of the best checkpoint."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    init = load_checkpoint(cfg.init)
-    model, vocab = init.model, init.vocab
-    encoder_name = init.encoder["name"]
-    dataset = load_dataset(cfg.data)
-    train_items, dev_items = dataset.split("train"), dataset.split("dev")
-    train_store = open_features(cfg.features, encoder_name, "train", weights_sha256=init.encoder.get("weights_sha256"))
-    dev_store = open_features(cfg.features, encoder_name, "dev", weights_sha256=init.encoder.get("weights_sha256"))
-    row = train_store.index_of()
-    missing = [it.image for it in train_items if it.image not in row]
-    if missing:
-        raise ConfigError(f"{len(missing)} train images have no cached features (first: {missing[0]})")
-    reward = CiderDReward({it.image: it.captions for it in train_items})
-    dev_eval = dev_items[: cfg.eval_limit] if cfg.eval_limit else dev_items
-    decoding = DecodingConfig(**{**init.decoding, "beam_size": cfg.eval_beam, "num_return_sequences": 1})
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path, last_path, best_path = out / "log.jsonl", out / "last.safetensors", out / "best.safetensors"
-    state_path = out / "train_state.safetensors"
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
-    steps_per_epoch = max(len(train_items) // cfg.batch_size, 1)
-    xe_epoch = int(init.training.get("epoch", -1))
-
-    def evaluate() -> tuple[float, float, float]:
-        t0 = time.time()
-        predictions = decode_store(model, vocab, dev_store, [it.image for it in dev_eval], decoding)
-        scores = score_predictions(predictions, dev_eval, metrics=("BLEU-4", "CIDEr-D"), tokenizer="simple")
-        return scores.corpus["BLEU-4"], scores.corpus["CIDEr-D"], time.time() - t0
-
-    def save(path: Path, dev: tuple[float, float], counters: dict, dtype: torch.dtype) -> None:
-        training = {"phase": "scst", "init": str(cfg.init), "config": asdict(cfg), "epoch": counters["epoch_value"],
-                    "steps": counters["steps"], "dev": {"BLEU-4": dev[0], "CIDEr-D": dev[1]},
-                    "init_dev": counters["init_dev"], "log": "log.jsonl"}
-        save_checkpoint(path, model, vocab, encoder=init.encoder, training=training, decoding=decoding.to_dict(),
-                        dtype=dtype)
-
-    if resume and last_path.is_file() and state_path.is_file():
-        model.load_state_dict(load_checkpoint(last_path).model.state_dict())   # float32: exact
-        counters = load_train_state(state_path, optimizer=optimizer, scheduler=None)
-        log_lines = [l for l in log_path.read_text().splitlines() if l.strip()][: counters["log_lines"]]
-        print(f"resuming after step {counters['steps']} (best dev CIDEr-D {counters['best_cider']:.3f})")
-    else:
-        bleu4, cider, _ = evaluate()
-        print(f"init model: dev BLEU-4 {100 * bleu4:.2f} CIDEr-D {cider:.3f} ({len(dev_eval)} images, "
-              f"beam {cfg.eval_beam})", flush=True)
-        counters = {"steps": 0, "best_cider": cider, "epoch_value": xe_epoch, "log_lines": 0,
-                    "init_dev": {"BLEU-4": bleu4, "CIDEr-D": cider}}
-        save(best_path, (bleu4, cider), counters, torch.float16)
-        log_lines = _init_log_lines(Path(cfg.init), init.training)
-        counters["log_lines"] = len(log_lines)
-    atomic_write_text(log_path, "".join(l + "\n" for l in log_lines))
-
-    total_steps = steps_per_epoch * cfg.epochs
+    run = _ScstRun(cfg, resume)
+    counters, log_lines = run.start()
+    total_steps = run.steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    every = cfg.eval_every_steps or steps_per_epoch
+    every = cfg.eval_every_steps or run.steps_per_epoch
     window = {"loss": [], "reward_sample": [], "reward_greedy": []}
     t_train = time.time()
     while counters["steps"] < total_steps:
         step = counters["steps"]
-        epoch, b = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        batch = [train_items[i].image for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()]
-        feats = train_store.get(np.asarray([row[im] for im in batch]))
+        images, feats = run.batch(step)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)   # per step: resume is exact
         torch.manual_seed(cfg.seed * 1_000_003 + step)                           # dropout stream, if kept
         t0 = time.time()
-        stats = scst_step(model, optimizer, reward, vocab, feats, batch, cfg, generator)
+        stats = scst_step(run.model, run.optimizer, run.reward, run.vocab, feats, images, cfg, generator)
         counters["steps"] = step + 1
         for key in window:
             window[key].append(stats[key])
@@ -264,53 +342,19 @@ def train_scst(cfg: ScstConfig, resume: bool = False) -> Path:
               f"greedy {stats['reward_greedy']:.3f} ({time.time() - t0:.1f} s/step)", flush=True)
         if counters["steps"] % every and counters["steps"] < total_steps:
             continue
-        train_time = time.time() - t_train
-        bleu4, cider, eval_time = evaluate()
-        counters["epoch_value"] = round(xe_epoch + counters["steps"] / steps_per_epoch, 4)
-        record = {"epoch": counters["epoch_value"], "phase": "scst", "steps": counters["steps"],
-                  "train_loss": float(np.mean(window["loss"])), "dev_bleu4": bleu4, "dev_cider_d": cider,
-                  "reward_sample": float(np.mean(window["reward_sample"])),
-                  "reward_greedy": float(np.mean(window["reward_greedy"])), "lr": cfg.lr,
-                  "epoch_time_s": train_time, "eval_time_s": eval_time,
-                  "samples_per_s": len(window["loss"]) * cfg.batch_size / max(train_time, 1e-9),
-                  "eval_beam": cfg.eval_beam, "eval_images": len(dev_eval), "time": time.time()}
-        if cider > counters["best_cider"]:
-            counters["best_cider"] = cider
-            save(best_path, (bleu4, cider), counters, torch.float16)
-        log_lines.append(json.dumps(record))
-        counters["log_lines"] = len(log_lines)
-        save(last_path, (bleu4, cider), counters, torch.float32)
-        save_train_state(state_path, optimizer=optimizer, scheduler=None, counters=counters)
-        atomic_write_text(log_path, "".join(l + "\n" for l in log_lines))
-        print(f"step {counters['steps']}: dev BLEU-4 {100 * bleu4:.2f} CIDEr-D {cider:.3f} | reward sample "
-              f"{record['reward_sample']:.3f} greedy {record['reward_greedy']:.3f} "
-              f"({train_time / len(window['loss']):.2f} s/step, eval {eval_time:.0f} s)", flush=True)
+        run.commit(counters, log_lines, window, time.time() - t_train)
         window = {key: [] for key in window}
         t_train = time.time()
-    return best_path
+    return run.best_path
 
 
 def parse_args(argv: list[str] | None) -> tuple[ScstConfig, bool]:
     parser = argparse.ArgumentParser(prog="python -m core.scst", description=__doc__.split("\n\n")[0])
-    for f in fields(ScstConfig):
-        name = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
-            parser.add_argument(name, action="store_true")
-        else:
-            parser.add_argument(name, type=type(f.default), default=f.default, required=f.name in ("init", "data"))
+    add_config_arguments(parser, ScstConfig, required=["init", "data"])
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
-    cfg = ScstConfig(**args)
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"--precision must be bf16 or fp32, got {cfg.precision!r}")
-    if cfg.baseline not in ("greedy", "mean"):
-        raise ConfigError(f"--baseline must be greedy or mean, got {cfg.baseline!r}")
-    if min(cfg.batch_size, cfg.samples, cfg.epochs, cfg.max_length) < 1 or not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise ConfigError("--batch-size, --samples, --epochs and --max-length must be >= 1 and --lr > 0")
-    if min(cfg.max_steps, cfg.eval_every_steps, cfg.eval_limit) < 0:
-        raise ConfigError("--max-steps, --eval-every-steps and --eval-limit must be >= 0")
-    return cfg, resume
+    return ScstConfig(**args), resume       # validates itself
 
 
 @cli_main

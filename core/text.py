@@ -26,6 +26,9 @@ from core.io_utils import atomic_write_json
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
+# Tokens a caption may never contain: decoding, SCST sampling and token scoring all remove them from the
+# distribution (<unk> too: a caption that says "<unk>" tells the user nothing).
+NEVER_GENERATED_IDS = (PAD_ID, START_ID, UNK_ID)
 
 VOCAB_FORMAT = "captionscope-vocab"
 VOCAB_FORMAT_VERSION = 1

@@ -8,11 +8,12 @@ import streamlit as st
 
 from core import analysis
 from core.errors import CaptionScopeError
-from ui import cache, state, widgets
+from core.images import fit_for_display
+from ui import cache, sidebar, state, widgets
 
 COLORMAPS = ["jet", "viridis", "magma", "inferno", "plasma", "turbo", "gray"]
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Attention")
 captioner = state.require_captioner()
 decoding = state.decoding()
@@ -24,7 +25,7 @@ with pick:
 if item is None:
     st.stop()
 try:
-    decoded, image = cache.caption(captioner, item, decoding)
+    decoded = cache.caption(captioner, item, decoding)
 except CaptionScopeError as e:
     st.error(str(e))
     st.stop()
@@ -43,7 +44,8 @@ hyp = decoded.hypotheses[h]
 tokens = decoded.tokens(h)
 attention = hyp.attention
 steps = len(tokens)
-dec = decoding.to_dict()
+key = cache.CaptionKey.of(captioner, item, decoding)
+image = decoded.image
 sig = hashlib.sha1(f"{item.key}|{h}|{' '.join(tokens)}".encode()).hexdigest()[:12]
 pill_key, slider_key = f"att_word_pill_{sig}", f"att_word_slider_{sig}"
 widgets.init_state(pill_key, 0, range(steps))
@@ -95,23 +97,21 @@ with side:
     st.caption(f"Peak cell: row {peak[0] + 1}, column {peak[1] + 1} of {grid}×{grid} · "
                f"max weight {float(attention[t].max()):.2f}")
 with view:
-    heat = analysis.upsample_attention(attention[t], grid, image.size, smooth=smooth)
     # JPEG: redrawn on every word change, and a photo encodes ~10x faster (and smaller) than as PNG
-    st.image(analysis.overlay_heatmap(image, heat, opacity=opacity, cmap=cmap), output_format="JPEG",
+    st.image(analysis.attention_overlay(image, attention[t], grid, opacity=opacity, cmap=cmap, smooth=smooth),
+             output_format="JPEG",
              caption=f"“{tokens[t]}” (step {t + 1} of {steps})", width="stretch")
 
 # -- every word ----------------------------------------------------------------------------------------------
 st.subheader("All words")
-grid_png = cache.attention_grid_png(captioner.checkpoint_id, item.key, dec, h, opacity, cmap, smooth, 5,
-                                    image, decoded.words[h], attention, grid)
+style = cache.HeatmapStyle(opacity=opacity, cmap=cmap, smooth=smooth)
+grid_png = cache.attention_grid_png(key, h, style, decoded, grid)
 st.image(grid_png, width="stretch")
 stem = item.name.rsplit(".", 1)[0]
 d1, d2, _ = st.columns([1, 1, 3])
 d1.download_button("Grid (PNG)", grid_png, file_name=f"{stem}-attention.png", mime="image/png",
                    icon=":material/download:", on_click="ignore", width="stretch")
-d2.download_button("Animation (GIF)", lambda: cache.attention_gif(
-                       captioner.checkpoint_id, item.key, dec, h, opacity, cmap, smooth, image,
-                       decoded.words[h], attention, grid),
+d2.download_button("Animation (GIF)", lambda: cache.attention_gif(key, h, style, decoded, grid),
                    file_name=f"{stem}-attention.gif", mime="image/gif", icon=":material/download:",
                    on_click="ignore", width="stretch")
 
@@ -154,13 +154,14 @@ if st.button("Run occlusion check", icon=":material/play_arrow:", type="primary"
     st.session_state["att_occlusion_request"] = request
 if st.session_state.get("att_occlusion_request") != request:
     c1, _ = st.columns([1, 2])
-    c1.image(analysis.occlude(image, region, grid), width="stretch", output_format="JPEG",
+    c1.image(fit_for_display(analysis.occlude(image, region, grid)), width="stretch", output_format="JPEG",
              caption=f"Region to grey out: rows {region[0] + 1}–{region[2]}, columns {region[1] + 1}–{region[3]} "
                      f"({analysis.region_mass(attention[t], grid, region):.0%} of this word's attention)")
 else:
-    result = cache.occlusion(captioner.checkpoint_id, item.key, dec, h, t, region, captioner, image, hyp)
+    result = cache.occlusion(key, h, t, region, captioner, decoded)
     c1, c2 = st.columns([1, 2])
-    c1.image(result.image, caption=f"Occluded: {result.attention_mass:.0%} of the word's attention", width="stretch")
+    c1.image(fit_for_display(result.image), caption=f"Occluded: {result.attention_mass:.0%} of the word's attention",
+             width="stretch")
     with c2:
         m1, m2, m3 = st.columns(3)
         m1.metric(f"p(“{result.word}”) before", f"{result.prob_before:.3f}")

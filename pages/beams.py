@@ -6,11 +6,12 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import CaptionScopeError
-from ui import cache, grid_view, state, widgets
+from core.images import fit_for_display
+from ui import cache, grid_view, sidebar, state, widgets
 
 WIDTHS = list(range(1, 11))
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Beam comparison")
 captioner = state.require_captioner()
 sidebar_decoding = state.decoding()
@@ -26,7 +27,7 @@ ngram = c3.number_input("No-repeat n-gram", 0, 4, int(sidebar_decoding.no_repeat
                         key=f"beam_ngram_{sidebar_decoding.no_repeat_ngram_size}")
 base = dataclasses.replace(sidebar_decoding, length_penalty=float(lp), no_repeat_ngram_size=int(ngram),
                            do_sample=False, num_return_sequences=1)
-if sidebar_decoding.do_sample:
+if sidebar_decoding.mode == "sample":
     st.caption("The sidebar is set to sampling; this page always uses beam search.")
 
 st.subheader("One image")
@@ -38,9 +39,9 @@ if item is not None and widths:
     except CaptionScopeError as e:
         st.error(str(e))
     else:
-        rows = cache.beam_rows(captioner.checkpoint_id, item.key, tuple(widths), base.to_dict(), captioner, feats)
+        rows = cache.beam_rows(cache.CaptionKey.of(captioner, item, base), tuple(widths), captioner, feats)
         pic, table = st.columns([1, 3])
-        pic.image(image, caption=item.name, width="stretch")
+        pic.image(fit_for_display(image), caption=item.name, width="stretch")
         frame = pd.DataFrame(rows, columns=["width", "caption", "logprob", "normalised", "length", "finished",
                                             "time_ms"])
         frame["finished"] = frame["finished"].map({True: "yes", False: "no"})
@@ -57,8 +58,8 @@ dataset, error = state.get_dataset()
 if dataset is None:
     st.info(error)
     st.stop()
-split = "dev" if "dev" in dataset.splits else next(iter(dataset.splits))
-items = dataset.splits[split]
+split = dataset.browse_split
+items = dataset.splits[split] if split else []
 if items:
     st.subheader(f"Flickr8K {split}: a decoding grid")
     grid_view.render(captioner, items, split, base)
@@ -74,7 +75,7 @@ c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
 n = int(c1.number_input(f"{split} images (first n)", 1, len(items), step=50, key=size_key))
 run = c2.button(f"Run the sweep over {len(widths)} width{'s' if len(widths) > 1 else ''}",
                 icon=":material/play_arrow:", type="primary")
-request = (captioner.checkpoint_id, str(dataset.root), split, n, tuple(widths), tuple(sorted(base.to_dict().items())))
+request = (captioner.checkpoint_id, str(dataset.root), split, n, tuple(widths), base)
 if run:
     st.session_state["beam_sweep_request"] = request
 if st.session_state.get("beam_sweep_request") == request:

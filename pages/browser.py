@@ -7,8 +7,10 @@ import streamlit as st
 
 from core import corpus, failures
 from core.errors import CaptionScopeError
+from core.images import fit_for_display
+from core.io_utils import printable_name
 from core.metrics import METRIC_NAMES
-from ui import cache, failures_view, state, widgets
+from ui import cache, failures_view, sidebar, state, widgets
 from ui.cache import ImageInput
 
 SORTS = {
@@ -21,13 +23,14 @@ SORTS = {
 }
 WHERE = {"references and caption": "both", "references": "references", "caption": "caption"}
 P = state.PERSIST
+REFERENCES_PER_PAGE = 20
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Flickr8K browser")
 captioner = state.require_captioner()
 dataset, split, items = state.require_dev_split()
 decoding = state.decoding()
-if not decoding.do_sample:
+if decoding.mode != "sample":
     decoding = dataclasses.replace(decoding, num_return_sequences=1)   # same cache entries as the sweep
 
 try:
@@ -105,30 +108,39 @@ widgets.init_state(detail_key, names[0], names)
 
 # -- one image -----------------------------------------------------------------------------------------------------
 st.subheader("Details")
-name = st.selectbox("Image (or select a row above)", names, key=detail_key)
+name = st.selectbox("Image (or select a row above)", names, key=detail_key, format_func=printable_name)
 entry = rows[rows["image"] == name].iloc[0]
 try:
     item = ImageInput.from_path(entry["path"], "flickr8k")
-    decoded, image = cache.caption(captioner, item, decoding)
+    decoded = cache.caption(captioner, item, decoding)
+    image = decoded.image
 except CaptionScopeError as e:
     st.error(str(e))
     st.stop()
 pic, text = st.columns([2, 3])
-pic.image(image, caption=name, width="stretch")
+pic.image(fit_for_display(image), caption=printable_name(name), width="stretch")
 with text:
     caption = predictions[name]["caption"]
     flagged = entry["unsupported"].split(", ") if entry["unsupported"] else []
     st.markdown(f"**Caption:** {failures_view.caption_with_unsupported(caption, flagged)}")
     if flagged:
         st.caption("On orange: words none of the references supports.")
+    references = entry["references"]
+    first = 0
+    if len(references) > REFERENCES_PER_PAGE:      # the whole list would grow the page with the file
+        ref_pages = math.ceil(len(references) / REFERENCES_PER_PAGE)
+        ref_page = st.number_input(f"References page (of {ref_pages:,}; {len(references):,} references)", 1,
+                                   ref_pages, step=1, key=f"browse_ref_page_{detail_key}_{name}")
+        first = (int(ref_page) - 1) * REFERENCES_PER_PAGE
     st.markdown("**References** (and what BLEU matched in each):")
-    failures_view.reference_matches(caption, entry["references"])
+    failures_view.reference_matches(caption, [corpus.clip_text(r) for r in
+                                              references[first:first + REFERENCES_PER_PAGE]], start=first)
     per = widgets.metric_row(scores.per_image.get(name, {}))
     st.table(widgets.metric_table([{"image": "×100", **per}], label="image").T)
 st.markdown("**Attention of each word**")
 if decoded.caption != predictions[name]["caption"]:
     st.caption(f"Decoded from the image file: “{decoded.caption}” (the split run used the cached float16 "
                "features, which can tip a close decision).")
-grid_png = cache.attention_grid_png(captioner.checkpoint_id, item.key, decoding.to_dict(), 0, 0.5, "jet", True, 5,
-                                    image, decoded.words[0], decoded.hypotheses[0].attention, captioner.grid)
+grid_png = cache.attention_grid_png(cache.CaptionKey.of(captioner, item, decoding), 0, cache.HeatmapStyle(),
+                                    decoded, captioner.grid)
 st.image(grid_png, width="stretch")

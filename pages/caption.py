@@ -5,27 +5,25 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import CaptionScopeError
-from core.images import SUPPORTED_EXTENSIONS
-from ui import cache, state, widgets
+from core.images import SUPPORTED_EXTENSIONS, fit_for_display
+from ui import cache, settings, sidebar, state, widgets
 from ui.cache import ImageInput
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Caption")
 captioner = state.require_captioner()
 decoding = state.decoding()
-mode = (f"sampling {decoding.num_return_sequences} (T={decoding.temperature:g}, top-k={decoding.top_k}, "
-        f"seed {decoding.seed})" if decoding.do_sample else
-        "greedy search" if decoding.beam_size == 1 else f"beam search, width {decoding.beam_size}")
-st.caption(f"Decoding: {mode} · length penalty {decoding.length_penalty:g} · max length {decoding.max_length}"
+st.caption(f"Decoding: {decoding.describe()} · length penalty {decoding.length_penalty:g} · max length {decoding.max_length}"
            f"{f' · no-repeat {decoding.no_repeat_ngram_size}-grams' if decoding.no_repeat_ngram_size else ''}"
            " (change in the sidebar)")
 
 left, right = st.columns([3, 2])
 with left:
     uploads = st.file_uploader("Upload photos", type=list(SUPPORTED_EXTENSIONS), accept_multiple_files=True,
-                               key="caption_uploads", help=widgets.upload_help())
+                               key="caption_uploads", help=widgets.upload_help(),
+                               max_upload_size=widgets.MAX_UPLOAD_MB)
 with right:
-    examples = state.example_images()
+    examples = settings.example_images()
     key = f"{state.PERSIST}caption_examples"
     requested = st.session_state.pop("requested_example", None)
     if requested in examples:
@@ -59,12 +57,13 @@ for label, item in inputs:
         st.error(item)
         continue
     try:
-        decoded, image = cache.caption(captioner, item, decoding)
+        decoded = cache.caption(captioner, item, decoding)
+        image = decoded.image
     except CaptionScopeError as e:
         st.error(str(e))
         continue
     pic, text = st.columns([2, 3])
-    pic.image(image, caption=item.name, width="stretch")
+    pic.image(fit_for_display(image), caption=item.name, width="stretch")
     with text:
         st.subheader(decoded.caption or "(empty caption)")
         st.caption(f"encode {decoded.encode_ms:.0f} ms · decode {decoded.decode_ms:.0f} ms · "

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui import state, widgets
+from ui import settings, sidebar, state, widgets
 
-state.page_setup()
+sidebar.page_setup()
 st.title("CaptionScope")
 st.markdown("Inspect a **Show, Attend and Tell** image captioner: what it says, where it looks while saying "
             "each word, and how decoding settings change the result.")
@@ -15,10 +15,10 @@ if captioner is None:
     st.error(error)
 else:
     meta = captioner.metadata
-    training = meta.get("training", {}) if isinstance(meta.get("training"), dict) else {}
-    config = training.get("config", {}) if isinstance(training.get("config"), dict) else {}
+    training = meta.training if meta is not None else {}
+    config = meta.training_config if meta is not None else {}
     dataset = Path(str(config["data"])).name if config.get("data") else "unknown"
-    dev = training.get("dev", {}) if isinstance(training.get("dev"), dict) else {}
+    dev = meta.dev_scores if meta is not None else {}
 
     facts = {"Encoder": captioner.encoder_name + (" (fine-tuned)" if captioner.fine_tuned else " (frozen)"),
              "Trained on": dataset, "Vocabulary": f"{len(captioner.vocab):,} words",
@@ -37,7 +37,7 @@ else:
                                           "details on the Model card page"] if x))
 
 st.subheader("Try an example")
-examples = state.example_images()
+examples = settings.example_images()
 if not examples:
     st.info("No example photos in assets/examples/.")
 else:

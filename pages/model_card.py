@@ -5,10 +5,10 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import CaptionScopeError
-from core.model_card import eval_path, find_training_log, metric_rows, read_eval_card, read_training_log
-from ui import state, widgets
+from core.model_card import PAPER_FLICKR8K, eval_path, find_training_log, metric_rows, read_eval_card, read_training_log
+from ui import sidebar, state, widgets
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Model card")
 path = state.selected_checkpoint_path()
 if path is None:
@@ -21,16 +21,10 @@ except CaptionScopeError as e:
     st.error(str(e).splitlines()[0])
     st.stop()
 
-
-def as_dict(value) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
-training, encoder, model_config = as_dict(meta.get("training")), as_dict(meta.get("encoder")), \
-    as_dict(meta.get("model_config"))
-train_config = as_dict(training.get("config"))
-vocab_size = model_config.get("vocab_size", len(as_dict(meta.get("vocab")).get("itos", [])))
-st.caption(f"{path.name} · created {meta.get('created', '?')} · weights stored as {meta.get('dtype', '?')}")
+training, encoder, model_config = meta.training, meta.encoder, meta.model_config
+train_config = meta.training_config
+vocab_size = meta.vocab_size
+st.caption(f"{path.name} · created {meta.created or '?'} · weights stored as {meta.dtype or '?'}")
 
 widgets.facts_row({
     "Encoder": f"{encoder.get('name', '?')} ({'fine-tuned' if encoder.get('fine_tuned') else 'frozen'})",
@@ -77,7 +71,7 @@ def scaled(metrics: dict) -> dict:
 
 
 rows = []
-dev = as_dict(training.get("dev"))
+dev = meta.dev_scores
 if dev:
     beam = train_config.get("eval_beam")
     rows.append({"model": f"This checkpoint, dev{f', beam {beam}' if beam else ''} (training)", **scaled(dev)})
@@ -85,7 +79,7 @@ card = read_eval_card(path)
 for row in metric_rows(card, include_paper=False):
     rows.append({"model": row.pop("model"), **widgets.metric_row(
         {k: v for k, v in row.items() if k not in ("mean_length", "vocabulary_used")}, scale=1.0)})
-for name, values in widgets.PAPER_FLICKR8K.items():
+for name, values in PAPER_FLICKR8K.items():
     rows.append({"model": name, **widgets.metric_row(values, scale=1.0)})
 st.table(widgets.metric_table(rows))
 st.caption("Paper: Xu et al. 2015, *Show, Attend and Tell*, Table 1, Flickr8K test split (Oxford VGG encoder, "
@@ -108,7 +102,7 @@ with c2:
     if sha:
         st.code(sha, language=None, wrap_lines=True)
         st.caption("Encoder weights sha256 the decoder was trained with.")
-    decoding_defaults = as_dict(meta.get("decoding"))
+    decoding_defaults = meta.decoding
     if decoding_defaults:
         st.markdown("**Default decoding**")
         st.table(widgets.key_value_table(decoding_defaults))

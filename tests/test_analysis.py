@@ -10,8 +10,8 @@ from PIL import Image, ImageSequence
 
 from core.analysis import (GAP, OCCLUSION_FILL, TITLE_HEIGHT, attention_entropy, attention_gif_bytes,
                            attention_grid, best_block, image_to_png_bytes, max_entropy, occlude, occlusion_test,
-                           overlay_heatmap, peak_region, random_region_baseline, region_pixels, score_tokens,
-                           upsample_attention)
+                           attention_overlay, overlay_heatmap, peak_region, random_region_baseline, region_pixels,
+                           score_tokens, upsample_attention)
 from core.decoding import DecodingConfig
 from core.errors import ConfigError
 
@@ -129,7 +129,7 @@ def test_score_tokens_reproduces_decoder_logprobs(captioner, tiny_image, beam):
     feats = captioner.encode([tiny_image])[0]
     hyp = captioner.decode(feats[None], DecodingConfig(beam_size=beam))[0][0]
     assert hyp.finished and hyp.token_ids
-    scored = score_tokens(captioner.model, feats, hyp.token_ids, unk_id=captioner.vocab.unk_id)
+    scored = score_tokens(captioner.model, feats, hyp.token_ids)
     assert scored.token_ids == hyp.token_ids + [captioner.vocab.end_id]
     np.testing.assert_allclose(scored.logprobs, hyp.token_logprobs, atol=1e-5)
     np.testing.assert_allclose(scored.attention, hyp.attention, atol=1e-5)
@@ -185,3 +185,43 @@ def test_occlusion_test_and_baseline(captioner, tiny_image):
     assert all(-1.0 <= d <= 1.0 for d in base.drops)
     with pytest.raises(ConfigError, match="word_index"):
         occlusion_test(captioner, tiny_image, hyp, len(hyp.token_ids) + 1, decoding)
+
+
+# -- bounded renderings of extreme shapes (a 1x50000 upload is a 1x1024 strip after load_image) ------------------
+
+@pytest.mark.parametrize("size", [(4, 200), (1, 1024), (1024, 1)])
+def test_grid_gif_and_overlay_stay_bounded_for_strips(size):
+    from core.images import DISPLAY_LIMITS, display_box
+    strip = Image.new("RGB", size, (90, 160, 40))
+    words = ["a", "tall", "thin", "thing"]
+    att = np.random.default_rng(2).dirichlet(np.ones(L), size=len(words) + 1).astype(np.float32)
+    limit = DISPLAY_LIMITS.max_side
+    # grid panels are letterboxed to at most max_aspect (224 x 896), not 224 x 229,000 px
+    grid_img = attention_grid(strip, words, att, GRID, cols=5, panel_width=224)
+    pw, ph = display_box(size, 224).canvas
+    assert grid_img.size == (5 * pw + 4 * GAP, ph + TITLE_HEIGHT)
+    assert ph <= 224 * DISPLAY_LIMITS.max_aspect and pw == 224
+    gif = Image.open(io.BytesIO(attention_gif_bytes(strip, words, att, GRID, width=320)))
+    assert max(gif.size) <= limit + 30 and len(list(ImageSequence.Iterator(gif))) == len(words) + 1
+    shown = attention_overlay(strip, att[0], GRID)
+    assert max(shown.size) <= limit and max(shown.size) / min(shown.size) <= DISPLAY_LIMITS.max_aspect
+
+
+def test_attention_overlay_heats_the_image_not_the_padding():
+    from core.images import DISPLAY_FILL, display_box
+    strip = Image.new("RGB", (14, 1024), (255, 255, 255))
+    x0, y0, x1, y1 = display_box(strip.size).content
+    shown = np.asarray(attention_overlay(strip, one_hot(0, 0), GRID, opacity=1.0, cmap="gray", smooth=False))
+    assert (shown[:, :x0] == DISPLAY_FILL).all() and (shown[:, x1:] == DISPLAY_FILL).all()   # padding: untouched
+    image = shown[y0:y1, x0:x1]
+    assert (image[0, :2] == 255).all() and (image[0, 2:] == 0).all()   # the hot cell: top-left 2 of 14 px
+    assert (image[-1] == 0).all()
+
+
+def test_attention_grid_total_pixels_are_capped_for_long_captions(tiny_image):
+    from core.images import DISPLAY_LIMITS
+    steps = 400
+    att = np.full((steps, L), 1 / L, dtype=np.float32)
+    grid_img = attention_grid(Image.new("RGB", (1, 1024)), ["w"] * steps, att, GRID, cols=5)
+    title_and_gaps = steps / 5 * (TITLE_HEIGHT + GAP) * grid_img.width
+    assert grid_img.width * grid_img.height - title_and_gaps <= DISPLAY_LIMITS.max_total_pixels * 1.05

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps
 
-from tests.browser import (
+from tests.browser_harness import (
+    BUNDLED as BUNDLED_CHECKPOINT,
+    CHECKPOINT_NAME,
     REPO,
     app_decoding,
     caption_rows,
@@ -197,7 +199,7 @@ def test_bad_upload_shows_error_in_place(server, browser, expected, photo):
 
 
 def test_deep_link_as_first_request_of_a_fresh_server(expected, tiny_flickr, tmp_path_factory, browser):
-    """A `pages/` folder starts a server in Streamlit's legacy folder mode: without ui.state's fix the first
+    """A `pages/` folder starts a server in Streamlit's legacy folder mode: without ui.sidebar's fix the first
     request, if a deep link, got a sidebar of file names ('attention', 'beams', 'dashboard' ...)."""
     env = {"CAPTIONSCOPE_CHECKPOINT_DIR": str(expected[0]), "FLICKR8K_DIR": str(tiny_flickr),
            "CAPTIONSCOPE_FEATURES_DIR": str(tmp_path_factory.mktemp("no_features_deep"))}
@@ -211,6 +213,80 @@ def test_deep_link_as_first_request_of_a_fresh_server(expected, tiny_flickr, tmp
             assert page.url.rstrip("/").endswith("/beams") and not error_boxes(page)
         finally:
             page.context.close()
+
+
+def sidebar_selectbox(page, label: str):
+    return page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(
+        has=page.locator(f'input[aria-label="{label}"]')).first
+
+
+def wait_for_selected(page, label: str, option: str, timeout_s: float) -> None:
+    """Until the sidebar selectbox `label` shows `option` (its value sits in a combobox <input>)."""
+    box = sidebar_selectbox(page, label)
+    deadline = time.monotonic() + timeout_s
+    while box.locator("input").input_value() != option:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{label}: {box.locator('input').input_value()!r}, expected {option!r}")
+        page.wait_for_timeout(250)
+    wait_idle(page, timeout_s)
+
+
+def sidebar_select(page, label: str, option: str, timeout_s: float) -> None:
+    """Pick `option` in the sidebar selectbox labelled `label`, the way a user does (open, click)."""
+    sidebar_selectbox(page, label).locator('button[aria-label="Open"]').click()
+    page.get_by_role("option", name=option, exact=True).click()
+    wait_for_selected(page, label, option, timeout_s)
+
+
+def test_upload_the_bundled_checkpoint_in_the_sidebar(server, browser, expected, photo, tmp_path):
+    """The bundled checkpoint is 21 MB: Streamlit's server-wide maxUploadSize (20) answered HTTP 413.
+    Upload it through the sidebar's real file input, pick it in the picker, caption with it."""
+    if not BUNDLED_CHECKPOINT.is_file():
+        pytest.skip("the bundled checkpoint is not in checkpoints/")
+    _, _, expected_caption = expected
+    copy = tmp_path / "my-lite2.safetensors"
+    copy.write_bytes(BUNDLED_CHECKPOINT.read_bytes())
+    assert copy.stat().st_size > 20 * 2**20
+    page = new_page(browser, f"{server.url}/caption", timeout_ms=PAGE_TIMEOUT_S * 1000)
+    try:
+        wait_idle(page, PAGE_TIMEOUT_S)
+        sidebar = page.locator('[data-testid="stSidebar"]')
+        sidebar.locator('[data-testid="stExpander"] summary', has_text="Add a checkpoint").first.click()
+        sidebar.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(copy))
+        uploaded = "my-lite2.safetensors (uploaded)"
+        wait_for_selected(page, "Checkpoint", uploaded, PAGE_TIMEOUT_S)       # selected once it is validated
+        assert not error_boxes(page), error_boxes(page)
+        kept = Path(server.log_path).parent / "cache" / "uploaded_checkpoints" / copy.name
+        assert kept.read_bytes() == copy.read_bytes()
+        # pick the bundled one, then the upload again, through the picker itself
+        sidebar_select(page, "Checkpoint", CHECKPOINT_NAME, PAGE_TIMEOUT_S)
+        sidebar_select(page, "Checkpoint", uploaded, PAGE_TIMEOUT_S)
+        name, data = photo
+        upload(page, file_payload(name, data))
+        assert wait_for_caption_of(page, name, PAGE_TIMEOUT_S) == expected_caption     # same weights
+        assert not error_boxes(page), error_boxes(page)
+    finally:
+        page.context.close()
+
+
+def test_a_1x50000_png_on_the_attention_page(server, browser, expected):
+    """Used to take the server from 1.2 to 8.5 GB and end in a DecompressionBombError traceback."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 50000), (30, 120, 200)).save(buffer, "PNG")
+    page = new_page(browser, f"{server.url}/attention", timeout_ms=PAGE_TIMEOUT_S * 1000)
+    try:
+        wait_idle(page, PAGE_TIMEOUT_S)
+        page.locator('[data-testid="stMain"] button', has_text="Upload").first.click()
+        wait_idle(page, PAGE_TIMEOUT_S)
+        upload(page, file_payload("strip.png", buffer.getvalue(), "image/png"))
+        page.locator('[data-testid="stMain"] h3', has_text="Occlusion check").first.wait_for(
+            timeout=PAGE_TIMEOUT_S * 1000)
+        wait_idle(page, PAGE_TIMEOUT_S)
+        assert not error_boxes(page), error_boxes(page)
+        sizes = page.evaluate("""() => Array.from(document.querySelectorAll('[data-testid="stMain"] img'))
+            .map(img => [img.naturalWidth, img.naturalHeight])""")
+        assert len(sizes) >= 3 and all(w * h <= 16_000_000 and h <= 4096 for w, h in sizes), sizes
+        print(f"server peak RSS after the strip: {server.peak_rss_mb():.0f} MB; images {sizes}")
 
 
 def click_button(page, label: str, timeout_s: float) -> None:

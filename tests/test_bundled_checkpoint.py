@@ -21,11 +21,11 @@ def bundled():
 
 def test_metadata_matches_weights(bundled):
     meta = read_metadata(default_checkpoint_path())
-    cfg = meta["model_config"]
+    cfg = meta.model_config
     assert cfg["vocab_size"] == len(bundled.vocab) == bundled.model.embedding.num_embeddings
     assert cfg["encoder_dim"] == bundled.encoder.spec.feature_dim
-    assert meta["encoder"]["name"] == "efficientnet_lite2"
-    assert bundled.metadata["encoder_weights_match"], "encoder weights differ from those it was trained on"
+    assert meta.encoder["name"] == "efficientnet_lite2"
+    assert bundled.encoder_weights_match, "encoder weights differ from those it was trained on"
     assert default_checkpoint_path().stat().st_size < 50 * 2**20
 
 
@@ -42,12 +42,11 @@ def test_dev_subset_scores_as_the_model_card_says(bundled):
     data_dir = os.environ.get("FLICKR8K_DIR")
     if not data_dir or not Path(data_dir).is_dir():
         pytest.skip("set FLICKR8K_DIR to a Flickr8K folder to run the 50-image regression check")
-    from core.corpus import caption_split
+    from core.corpus import caption_split, score_split
     from core.data import load_dataset
-    from core.evaluate import score_predictions
 
     card = json.loads(CARD.read_text())["dev_subset"]
     items = load_dataset(data_dir).split("dev")[: card["images"]]
-    predictions = caption_split(bundled, items, DecodingConfig(beam_size=card["beam"]), features_dir=None)
-    scores = score_predictions({k: v["caption"] for k, v in predictions.items()}, items, metrics=("BLEU-4",))
+    predictions = caption_split(bundled, items, DecodingConfig(beam_size=card["beam"]), features_dir=None).captions
+    scores = score_split(predictions, items, metrics=("BLEU-4",))
     assert abs(100 * scores.corpus["BLEU-4"] - 100 * card["BLEU-4"]) <= 0.5

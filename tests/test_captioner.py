@@ -53,6 +53,6 @@ def test_corpus_path_equals_single_image_path(captioner, tiny_flickr):
     from core.data import load_dataset
 
     items = load_dataset(tiny_flickr).split("dev")
-    batched = caption_split(captioner, items, DecodingConfig(beam_size=3), features_dir=None, batch_size=3)
+    batched = caption_split(captioner, items, DecodingConfig(beam_size=3), features_dir=None, batch_size=3).captions
     single = {it.image: captioner.caption(it.path, DecodingConfig(beam_size=3)).caption for it in items}
     assert {k: v["caption"] for k, v in batched.items()} == single

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import core.checkpoint as ckpt
 from core.checkpoint import (Checkpoint, default_checkpoint_path, list_checkpoints, load_checkpoint,
-                             read_metadata, resolve_checkpoint, save_checkpoint)
+                             read_metadata, resolve_checkpoint, save_checkpoint, save_uploaded_checkpoint)
 from core.errors import CheckpointError
 from core.model import ModelConfig, ShowAttendTell
 from core.text import SPECIALS, Vocabulary
@@ -106,22 +106,22 @@ def test_round_trip_float32_is_exact(tmp_path, vocab):
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
     assert torch.equal(step_logits(loaded.model), step_logits(model))
-    assert read_metadata(path)["dtype"] == "float32"
+    assert read_metadata(path).dtype == "float32"
 
 
 def test_metadata_round_trip(saved, vocab):
     path, model = saved
     meta = read_metadata(path)
-    assert meta["format"] == "captionscope-checkpoint" and meta["format_version"] == "1"
-    assert meta["dtype"] == "float16" and meta["created"].startswith("20")
-    assert meta["model_config"] == model.config.to_dict()
-    assert Vocabulary.from_dict(meta["vocab"]).itos == vocab.itos
-    assert meta["encoder"] == {**ENCODER, "fine_tuned": False}
-    assert meta["training"] == TRAINING and meta["decoding"] == DECODING
+    assert meta.format_version == "1" and meta.extra == {}
+    assert meta.dtype == "float16" and meta.created.startswith("20") and len(meta.tensors_sha256) == 64
+    assert meta.model_config == model.config.to_dict() and meta.vocab_size == len(vocab)
+    assert Vocabulary.from_dict(meta.vocab).itos == vocab.itos
+    assert meta.encoder == {**ENCODER, "fine_tuned": False}
+    assert meta.training == TRAINING and meta.decoding == DECODING
     loaded = load_checkpoint(path)
     assert loaded.vocab.itos == vocab.itos
     assert loaded.config == model.config
-    assert (loaded.encoder, loaded.training, loaded.decoding) == (meta["encoder"], TRAINING, DECODING)
+    assert (loaded.encoder, loaded.training, loaded.decoding) == (meta.encoder, TRAINING, DECODING)
     assert loaded.encoder_state is None
 
 
@@ -151,7 +151,7 @@ def test_read_metadata_reads_only_the_header(saved, tmp_path, monkeypatch):
         raise AssertionError("read_metadata must not load tensors")
     monkeypatch.setattr(safetensors.torch, "load", no_tensors)
     monkeypatch.setattr(safetensors.torch, "load_file", no_tensors)
-    assert read_metadata(wiped)["training"] == TRAINING
+    assert read_metadata(wiped).training == TRAINING
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match="sha256") as err:   # the full load does notice
         load_checkpoint(wiped)
@@ -386,3 +386,32 @@ def test_checkpoint_round_trip_gives_identical_captions(tmp_path, vocab):
         assert captions(load_checkpoint(path).model) == captions(rounded(model))
         assert captions(load_checkpoint(exact).model) == captions(model)
         assert any(ids for per_image in captions(model) for ids in per_image)   # really produced words
+
+
+def test_uploaded_checkpoint_is_validated_before_it_reaches_the_folder(saved, tmp_path):
+    path, _ = saved
+    folder = tmp_path / "uploads"
+    with pytest.raises(CheckpointError, match="my_model.safetensors") as err:
+        save_uploaded_checkpoint(folder, "my model.safetensors", path.read_bytes()[:-10])
+    assert ".upload-" not in str(err.value)                     # the cleaned name, not the temp file
+    assert list_checkpoints(folder) == [] and not any(folder.iterdir())
+    kept = save_uploaded_checkpoint(folder, "../my model.safetensors", path.read_bytes())
+    assert kept == folder / "my_model.safetensors" and list_checkpoints(folder) == [kept]
+    assert read_metadata(kept).training == TRAINING
+    # another file under the same name does not overwrite the first one
+    other = save_checkpoint(tmp_path / "other.safetensors", make_model(seed=1), Vocabulary(list(SPECIALS) + WORDS),
+                            encoder=ENCODER, training=TRAINING)
+    second = save_uploaded_checkpoint(folder, "my model.safetensors", other.read_bytes())
+    assert second != kept and sorted(list_checkpoints(folder)) == sorted([kept, second])
+
+
+@pytest.mark.parametrize("raw,kept", [
+    ("my model.safetensors", "my_model.safetensors"),
+    ("evil\u202egnp.safetensors", "evil_gnp.safetensors"),      # the bidi override never reaches the disk
+    ("../../etc/passwd.safetensors", "passwd.safetensors"),
+    ("\u202e.safetensors", "checkpoint.safetensors"),
+    ("x" * 1000 + ".safetensors", "x" * 100 + ".safetensors"),  # no 'file name too long' on save
+])
+def test_upload_file_name_is_ascii_short_and_inside_the_folder(raw, kept):
+    from core.checkpoint import upload_file_name
+    assert upload_file_name(raw) == kept

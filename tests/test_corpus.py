@@ -29,7 +29,7 @@ def items(tiny_flickr):
 
 @pytest.fixture(scope="module")
 def greedy_preds(captioner, items, tiny_features):
-    return caption_split(captioner, items, DecodingConfig(beam_size=1), features_dir=tiny_features)
+    return caption_split(captioner, items, DecodingConfig(beam_size=1), features_dir=tiny_features).captions
 
 
 # -- compare_beams ------------------------------------------------------------------------------------------
@@ -91,10 +91,10 @@ def test_cache_round_trip_key_sensitivity_and_corruption(tmp_path, monkeypatch):
 
 def test_caption_split_features_equals_images_and_reports_progress(captioner, items, tiny_features, greedy_preds):
     calls = []
-    info: dict = {}
-    from_images = caption_split(captioner, items, DecodingConfig(beam_size=1), features_dir=None,
-                                progress=lambda d, t: calls.append((d, t)), batch_size=2, info=info)
-    assert info["source"] == "images" and info["from_cache"] is False
+    run = caption_split(captioner, items, DecodingConfig(beam_size=1), features_dir=None,
+                        progress=lambda d, t: calls.append((d, t)), batch_size=2)
+    from_images = run.captions
+    assert run.source == "images" and run.from_cache is False and run.decode_s > 0
     assert [c for c, _ in calls] == [2, 4, 6, 8] and all(t == len(items) for _, t in calls)
     assert list(greedy_preds) == [it.image for it in items]
     assert {k: v["caption"] for k, v in from_images.items()} == {k: v["caption"] for k, v in greedy_preds.items()}
@@ -107,10 +107,8 @@ def test_caption_split_features_equals_images_and_reports_progress(captioner, it
         colour, shape = it.image[:-4].split("_")[1:]
         assert colour in greedy_preds[it.image]["caption"] and shape in greedy_preds[it.image]["caption"]
     # a feature cache for another split name does not cover these images -> encoder runs
-    info = {}
-    caption_split(captioner, items[:2], DecodingConfig(beam_size=1), features_dir=tiny_features, split="test",
-                  info=info)
-    assert info["source"] == "images"
+    run = caption_split(captioner, items[:2], DecodingConfig(beam_size=1), features_dir=tiny_features, split="test")
+    assert run.source == "images"
 
 
 def test_caption_split_uses_and_resumes_cache(captioner, items, tiny_features, tmp_path, monkeypatch):
@@ -120,10 +118,11 @@ def test_caption_split_uses_and_resumes_cache(captioner, items, tiny_features, t
     decoded = []
     real_decode = captioner.decode
     monkeypatch.setattr(captioner, "decode", lambda f, d: decoded.append(len(f)) or real_decode(f, d))
-    calls, info = [], {}
+    calls = []
     again = caption_split(captioner, items, decoding, features_dir=tiny_features, cache=CaptionCache(tmp_path),
-                          progress=lambda d, t: calls.append(d), info=info)
-    assert again == first and decoded == [] and info["from_cache"] and calls == [len(items)]
+                          progress=lambda d, t: calls.append(d))
+    assert again.captions == first.captions and decoded == [] and again.from_cache and calls == [len(items)]
+    assert again.source == first.source == "features" and again.decode_s == first.decode_s
     # other settings: recomputed
     caption_split(captioner, items, DecodingConfig(beam_size=1), features_dir=tiny_features, cache=cache)
     assert sum(decoded) == len(items)
@@ -136,7 +135,7 @@ def test_caption_split_uses_and_resumes_cache(captioner, items, tiny_features, t
             for it in items[:5]}
     cache.put({**key, "kind": "captions-partial"}, {"captions": done, "decode_s": 1.0}, [it.image for it in items])
     resumed = caption_split(captioner, items, DecodingConfig(beam_size=3), features_dir=tiny_features,
-                            cache=cache)
+                            cache=cache).captions
     assert sum(decoded) == 3
     assert [resumed[it.image]["caption"] for it in items[:5]] == ["stale but trusted"] * 5
     assert cache.get({**key, "kind": "captions-partial"}, [it.image for it in items]) is None   # cleaned up
@@ -199,3 +198,16 @@ def test_beam_sweep_one_row_per_width(captioner, items, tiny_features, tmp_path)
     assert counts == sorted(counts) and seen[-1] == (2 * len(items), 2 * len(items))
     with pytest.raises(ConfigError):
         beam_sweep(captioner, items, [], DecodingConfig(), features_dir=tiny_features)
+
+
+def test_table_cells_stay_bounded_and_search_still_sees_every_reference(tmp_path):
+    from core.corpus import MAX_REFERENCE_CHARS, TABLE_REFERENCES, reference_preview
+    from core.data import ImageCaptions
+    refs = tuple(f"reference {k} " + ("long " * 200 if k == 0 else "") for k in range(100_000)) + ("a zebra",)
+    items = [ImageCaptions("a.jpg", tmp_path / "a.jpg", refs)]
+    df = browse_table(items, {"a.jpg": {"caption": "a dog"}}, None)
+    cell = df["references_text"].iloc[0]
+    assert len(cell) <= TABLE_REFERENCES * (MAX_REFERENCE_CHARS + 3) + 40 and cell.endswith("… and 99,996 more")
+    assert reference_preview(refs[1:3]) == "reference 1  | reference 2 "
+    assert len(filter_table(df, "zebra", "references", "length")) == 1          # the last of 100,001
+    assert len(filter_table(df.iloc[:0], "zebra", "both", "length")) == 0

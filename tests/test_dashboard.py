@@ -4,7 +4,7 @@ Uses the bundled checkpoint when it is there (else the tiny trained one from con
 temporary checkpoint folder together with its training log, a made-up `.eval.json` and a README, so the
 model card has everything to show. FLICKR8K_DIR points at the 8-image `tiny_flickr` fixture and every
 cache goes to tmp. Page switching: `pages/` makes AppTest run each page file on its own, which is why
-every page draws the shared sidebar itself (ui.state.page_setup).
+every page draws the shared sidebar itself (ui.sidebar.page_setup).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from browser import checkpoint_folder
+from browser_harness import checkpoint_folder
 from PIL import Image
 
 from streamlit.testing.v1 import AppTest
@@ -114,13 +114,13 @@ def test_caption_bad_upload_keeps_the_others(env):
 
 
 def test_attention_words_grid_and_occlusion(env):
-    from core.analysis import END_TOKEN
+    from core.text import END
     from core.captioner import Captioner
     at = start("attention")
     decoding = at.session_state["decoding"]
     expected = Captioner.from_checkpoint(env / "captionscope-lite2.safetensors").caption(EXAMPLE, decoding)
     hyp = expected.hypotheses[0]
-    tokens = expected.words[0] + ([END_TOKEN] if hyp.finished else [])
+    tokens = expected.words[0] + ([END] if hyp.finished else [])
     words = widget(at.pills, "Word")
     assert len(words.options) == len(tokens) == hyp.attention.shape[0]
     assert [o.replace("\u200b", "") for o in words.options] == tokens
@@ -201,17 +201,94 @@ def test_bad_checkpoint_is_one_line_error(env, tmp_path, monkeypatch):
     assert any("broken.safetensors" in e.value for e in at.main.error)
 
 
+def checkpoint_uploader(at: AppTest):
+    return [u for u in at.get("file_uploader") if u.label.startswith("CaptionScope")][0]
+
+
+def sidebar_texts(at: AppTest) -> list[str]:
+    """Every text the sidebar shows the user: messages, the picker's options, toasts."""
+    return ([e.value for e in at.sidebar.error] + list(widget(at.selectbox, "Checkpoint").options)
+            + [t.value for t in at.toast])
+
+
 def test_checkpoint_upload(env, tmp_path, monkeypatch):
     monkeypatch.setenv("CAPTIONSCOPE_CACHE_DIR", str(tmp_path))
     at = start()
-    uploader = [u for u in at.get("file_uploader") if u.label.startswith("CaptionScope")][0]
-    uploader.set_value(("evil.safetensors", b"PK\x03\x04 zip from torch.save", "application/octet-stream")).run()
+    checkpoint_uploader(at).set_value(("evil.safetensors", b"PK\x03\x04 zip from torch.save",
+                                       "application/octet-stream")).run()
     assert not at.exception
     assert any("evil.safetensors" in e.value and "pickle" in e.value for e in at.sidebar.error)
     assert not list((tmp_path / "uploaded_checkpoints").glob("*.safetensors"))
     data = (env / "captionscope-lite2.safetensors").read_bytes()
-    [u for u in at.get("file_uploader") if u.label.startswith("CaptionScope")][0].set_value(
-        ("my model.safetensors", data, "application/octet-stream")).run()
+    checkpoint_uploader(at).set_value(("my model.safetensors", data, "application/octet-stream")).run()
     assert not at.exception
     assert widget(at.selectbox, "Checkpoint").value == "my_model.safetensors (uploaded)"
     assert (tmp_path / "uploaded_checkpoints" / "my_model.safetensors").read_bytes() == data
+    assert not at.sidebar.error                                    # the first upload's error is gone
+    assert [t.value for t in at.toast] == ["Added my_model.safetensors (uploaded); it is selected"]
+    assert checkpoint_uploader(at).value is None                   # a fresh uploader: no chip with the raw name
+
+
+def test_checkpoint_upload_shows_names_cleaned_of_bidi_characters(env, tmp_path, monkeypatch):
+    """U+202E (right-to-left override) made "report\u202egnp.safetensors" show reversed; every name the
+    sidebar shows is now the cleaned one used on disk."""
+    monkeypatch.setenv("CAPTIONSCOPE_CACHE_DIR", str(tmp_path))
+    at = start()
+    checkpoint_uploader(at).set_value(("bad\u202eevil\u200b.safetensors", b"\x80\x04 pickle",
+                                       "application/octet-stream")).run()
+    errors = [e.value for e in at.sidebar.error]
+    assert len(errors) == 1 and errors[0].startswith("bad_evil.safetensors"), errors
+    data = (env / "captionscope-lite2.safetensors").read_bytes()
+    checkpoint_uploader(at).set_value(("model\u202e" + "x" * 500 + ".safetensors", data,
+                                       "application/octet-stream")).run()
+    assert not at.exception and not at.sidebar.error
+    label = widget(at.selectbox, "Checkpoint").value
+    assert label == "model_" + "x" * 94 + ".safetensors (uploaded)"
+    assert (tmp_path / "uploaded_checkpoints" / label.removesuffix(" (uploaded)")).is_file()
+    assert all(text.isascii() for text in sidebar_texts(at)), sidebar_texts(at)
+
+
+def test_upload_limits_checkpoints_200_mb_images_20_mb(env):
+    """Streamlit enforces the server's maxUploadSize on every upload (HTTP 413 past it), so the server allows
+    the checkpoint limit and each image uploader asks the browser for the 20 MB image limit."""
+    import tomllib
+
+    from ui.sidebar import MAX_CHECKPOINT_UPLOAD_MB
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] == MAX_CHECKPOINT_UPLOAD_MB == 200
+    bundled = REPO / "checkpoints" / "captionscope-lite2.safetensors"
+    if bundled.is_file():
+        assert bundled.stat().st_size * 5 < MAX_CHECKPOINT_UPLOAD_MB * 2**20           # room to grow
+    at = start("caption")
+    assert checkpoint_uploader(at).proto.max_upload_size_mb == MAX_CHECKPOINT_UPLOAD_MB
+    photos = [u for u in at.get("file_uploader") if u.label == "Upload photos"][0]
+    assert photos.proto.max_upload_size_mb == 20
+    at.switch_page("pages/attention.py").run()
+    at.session_state["p_att_source"] = "Upload"
+    at.run()
+    single = [u for u in at.get("file_uploader") if u.label == "Upload an image"][0]
+    assert single.proto.max_upload_size_mb == 20
+
+
+def test_flickr_browser_payload_is_bounded_for_a_crowded_captions_file(env, tiny_flickr, tmp_path, monkeypatch):
+    """A token file with 166k captions per image hung the browser tab (every reference in every cell)."""
+    import shutil
+
+    from core.corpus import MAX_REFERENCE_CHARS, TABLE_REFERENCES
+    shutil.copytree(tiny_flickr / "images", tmp_path / "images")
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    lines = [f"{n}#{k}\ta {n.split('_')[1]} shape [link](http://x) number {k}" for n in names for k in range(1500)]
+    (tmp_path / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("FLICKR8K_DIR", str(tmp_path))
+    at = start("browser")
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("more than 20 references" in w.value for w in at.sidebar.warning)
+    cells = at.dataframe[0].value["references_text"]
+    assert cells.str.len().max() <= TABLE_REFERENCES * (MAX_REFERENCE_CHARS + 3) + 40
+    assert cells.str.endswith("… and 1,495 more").all()
+    references = [m.value for m in at.markdown if m.value.startswith("**References:**")]
+    assert references[0].count("\n") == 20 and "\\[link\\]\\(http\\://x\\)" in references[0]   # shown literally
+    widget(at.number_input, "References page (of 75; 1,500 references)").set_value(75).run()
+    assert not at.exception
+    last = [m.value for m in at.markdown if m.value.startswith("**References:**")][0]
+    assert last.split("\n")[1].startswith("1481. ") and last.count("\n") == 20

@@ -127,7 +127,7 @@ def test_attention_page_uses_the_upright_exif_image(env):
 @pytest.mark.parametrize("crafted", ["../outside/elsewhere.safetensors", "/etc/passwd",
                                      "..%2Felsewhere.safetensors", "sub/../../elsewhere.safetensors"])
 def test_checkpoint_picker_rejects_crafted_paths(env, crafted):
-    from ui.state import BUNDLED, CheckpointChoice
+    from ui.settings import BUNDLED, CheckpointChoice
     folder, outside = env
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     # a forged choice object in the session is replaced on the next run: pages only load from the folder
@@ -143,3 +143,67 @@ def test_checkpoint_picker_rejects_crafted_paths(env, crafted):
         resolve_checkpoint(crafted, folder)
     with pytest.raises(CheckpointError):                       # the choice object itself refuses, too
         CheckpointChoice(BUNDLED, f"../{outside.name}/elsewhere.safetensors").path()
+
+
+def _sent_images(monkeypatch) -> list[tuple[str, tuple[int, int]]]:
+    """(mimetype, size) of every picture the app hands Streamlit's media storage (what the browser loads)."""
+    import io
+
+    from PIL import Image
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+    sent: list[tuple[str, tuple[int, int]]] = []
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def record(self, path_or_data, mimetype, kind, filename=None):
+        if mimetype.startswith("image/") and isinstance(path_or_data, bytes):
+            sent.append((mimetype, Image.open(io.BytesIO(path_or_data)).size))
+        return original(self, path_or_data, mimetype, kind, filename)
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
+    return sent
+
+
+@pytest.mark.parametrize("size", [(1, 50000), (50000, 1)])
+def test_attention_page_bounds_what_it_draws_for_a_strip(env, monkeypatch, size):
+    """A 1x50000 PNG (174 KB) used to make 224 x 229,000 px grid panels (8.5 GB, then a DecompressionBomb
+    traceback). Every picture the page sends is now within core.images.DISPLAY_LIMITS."""
+    import io
+
+    from PIL import Image
+
+    from core.analysis import GAP, TITLE_HEIGHT
+    from core.images import DISPLAY_LIMITS
+    at = start("attention")
+    at.session_state["p_att_source"] = "Upload"
+    at.run()
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (20, 160, 60)).save(buffer, "PNG")
+    sent = _sent_images(monkeypatch)
+    uploader(at, "Upload an image").set_value(("strip.png", buffer.getvalue(), "image/png")).run()
+    assert not at.exception and not main_errors(at), [e.value for e in at.exception]
+    assert len(sent) >= 3, sent                               # overlay, all-words grid, occlusion preview
+    grid_width = 5 * 224 + 4 * GAP
+    assert any(w == grid_width for _, (w, _h) in sent), sent
+    for mime, (w, h) in sent:
+        if w <= DISPLAY_LIMITS.max_side:                      # one picture: bounded per side and in shape
+            assert h <= DISPLAY_LIMITS.max_side and max(w, h) / min(w, h) <= DISPLAY_LIMITS.max_aspect + 0.02
+        else:                                                 # the grid: 5 panels a row, each bounded
+            assert w == grid_width and h * w <= DISPLAY_LIMITS.max_total_pixels + (TITLE_HEIGHT + GAP) * w * 10
+
+
+def test_upload_names_are_shown_without_bidi_or_control_characters(env):
+    at = start("caption")
+    spoofed = "holiday\u202egpj.exe\u200b.jpg"                  # shows as "holidayexe.jpg" in a browser
+    uploader(at, "Upload photos").set_value([(spoofed, b"<html>not an image</html>", "image/jpeg"),
+                                             ("ok\u202e\n.jpg", GOOD[1], "image/jpeg")]).run()
+    assert not at.exception
+    errors = main_errors(at)
+    assert len(errors) == 1 and errors[0].startswith("holidaygpj.exe.jpg: "), errors
+    from streamlit.testing.v1.element_tree import Image as ImageElement
+
+    def images(node):
+        if isinstance(node, ImageElement):
+            yield node
+        for child in getattr(node, "children", {}).values():
+            yield from images(child)
+    captions = [c for image in images(at.main) for c in image.captions]
+    assert "ok .jpg" in captions and all("\u202e" not in c for c in captions), captions

@@ -287,3 +287,26 @@ def test_karpathy_split_that_is_not_a_string_is_a_clear_error():
     from core.data import parse_karpathy_text
     with pytest.raises(DataError, match="unknown split"):
         parse_karpathy_text(_json.dumps({"images": [{"filename": "a.jpg", "split": [], "sentences": []}]}), "d.json")
+
+
+def test_a_token_file_with_far_too_many_references_loads_with_a_warning(tmp_path):
+    """1M lines for 6 images loaded silently and hung the browser tab; now the loader says what is odd."""
+    from core.data import USUAL_MAX_REFERENCES
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i in range(3):
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(b"x")
+        count = 5 if i == 0 else 2000
+        lines += [f"{i}.jpg#{k}\ta dog runs on the grass number {k}" for k in range(count)]
+    lines.append("0.jpg#9\t" + "very long " * 100)
+    (tmp_path / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    ds = load_dataset(tmp_path)
+    assert [len(it.captions) for it in ds.splits["all"]] == [6, 2000, 2000]
+    assert any(w.startswith(f"2 images have more than {USUAL_MAX_REFERENCES} references") and "2,000" in w
+               for w in ds.warnings), ds.warnings
+    assert any("over 500 characters" in w and "0.jpg" in w for w in ds.warnings), ds.warnings
+
+
+def test_an_ordinary_dataset_gets_no_reference_warnings(tiny_flickr):
+    warnings = load_dataset(tiny_flickr).warnings          # (its train and dev lists overlap on purpose)
+    assert not [w for w in warnings if "references" in w or "characters" in w], warnings

@@ -1,19 +1,19 @@
 """Decoding: greedy / batched beam search / sampling on a tiny random Show-Attend-Tell model.
 
-The batched beam search is checked against `beam_search_reference`, a deliberately naive per-image,
-per-beam Python implementation of the same algorithm that always runs to max_length (so it also checks
-that the batched search's early stopping never changes the answer).
+The batched beam search is checked against `core.beam_search.reference_beam_search`, the plain per-image,
+per-beam implementation of the same rules, run to max_length (so it also checks that the batched search's
+early stopping never changes the answer).
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 from core.decoding import (DecodingConfig, Hypothesis, beam_search, generate, greedy, length_penalty_factor,
-                           sample)
+                           reference_beam_search, sample)
 from core.errors import ConfigError
 from core.model import ModelConfig, ShowAttendTell
 
@@ -47,48 +47,6 @@ def features() -> torch.Tensor:
 def repeated_ngrams(tokens: list[int], n: int) -> bool:
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return len(grams) != len(set(grams))
-
-
-# -- the naive reference ------------------------------------------------------------------------------------
-
-def beam_search_reference(model: ShowAttendTell, features_one_image: torch.Tensor,
-                          config: DecodingConfig) -> list[tuple[list[int], float, bool]]:
-    """Per-beam Python beam search: [(words, score, finished)] best first. Same rules as the batched one:
-    <end> candidates ranked in the top K finish, the K best other candidates live on; no early stopping."""
-    K, T, n = config.beam_size, config.max_length, config.no_repeat_ngram_size
-    with torch.inference_mode():
-        state = model.init_state(features_one_image.unsqueeze(0))
-        beams = [(0.0, [], state)]          # (sum log-prob, tokens, decoder state)
-        finished = []                       # (score, tokens incl. END)
-        for t in range(T):
-            candidates = []
-            for logp_sum, tokens, st in beams:
-                last = tokens[-1] if tokens else START
-                logits, _, _, new_st = model.step(torch.tensor([last]), st)
-                logits[0, [PAD, START]] = -math.inf
-                logp = torch.log_softmax(logits[0], dim=0).tolist()
-                banned = set()
-                if n and len(tokens) >= n:
-                    prefix = tokens[len(tokens) - (n - 1):] if n > 1 else []
-                    banned = {tokens[i + n - 1] for i in range(len(tokens) - n + 1)
-                              if tokens[i:i + n - 1] == prefix}
-                for v in range(V):
-                    if math.isfinite(logp[v]) and v not in banned:
-                        candidates.append((logp_sum + logp[v], tokens + [v], new_st))
-            candidates.sort(key=lambda c: -c[0])
-            beams = []
-            for rank, (s, toks, st) in enumerate(candidates):
-                if toks[-1] == END:
-                    if rank < K:
-                        finished.append((s / length_penalty_factor(len(toks), config.length_penalty), toks))
-                else:
-                    beams.append((s, toks, st))
-                    if len(beams) == K:
-                        break
-    results = [(toks[:-1], score, True) for score, toks in finished]
-    results += [(toks, s / length_penalty_factor(T, config.length_penalty), False) for s, toks, _ in beams]
-    results.sort(key=lambda r: -r[1])
-    return results[:config.num_return_sequences]
 
 
 # -- beam search vs greedy -------------------------------------------------------------------------------------
@@ -130,14 +88,20 @@ def test_batched_beam_search_matches_single_image_and_reference(features, config
     batched = beam_search(model, images, config)
     for i in range(len(images)):
         alone = beam_search(model, images[i:i + 1], config)[0]
-        reference = beam_search_reference(model, images[i], config)
+        reference = reference_beam_search(model, images[i], config, stop_early=False)
         assert len(batched[i]) == len(alone) == len(reference) == config.num_return_sequences
-        for hb, ha, (words, score, finished) in zip(batched[i], alone, reference):
-            assert hb.token_ids == ha.token_ids == words
-            assert hb.finished == ha.finished == finished
-            assert hb.score == pytest.approx(score, abs=1e-5)
-            assert ha.score == pytest.approx(score, abs=1e-5)
+        for hb, ha, hr in zip(batched[i], alone, reference):
+            assert hb.token_ids == ha.token_ids == hr.token_ids
+            assert hb.finished == ha.finished == hr.finished
+            assert hb.score == pytest.approx(hr.score, abs=1e-5)
+            assert ha.score == pytest.approx(hr.score, abs=1e-5)
             assert hb.token_logprobs == pytest.approx(ha.token_logprobs, abs=1e-5)
+            assert hb.token_logprobs == pytest.approx(hr.token_logprobs, abs=1e-5)
+            np.testing.assert_allclose(hb.attention, hr.attention, atol=1e-5)
+            np.testing.assert_allclose(hb.betas, hr.betas, atol=1e-5)
+        # with its early stop on, the reference gives the same list
+        stopped = reference_beam_search(model, images[i], config)
+        assert [(h.token_ids, h.finished) for h in stopped] == [(h.token_ids, h.finished) for h in reference]
 
 
 def test_one_decoder_step_per_time_step_for_the_whole_batch(model, features):
@@ -182,17 +146,17 @@ def test_n_best_list_is_sorted_distinct_and_complete(model, features):
         assert len({tuple(h.token_ids) + (h.finished,) for h in hyps}) == 4
 
 
-def test_never_generates_pad_or_start_even_when_the_model_prefers_them(features):
+def test_never_generates_pad_start_or_unk_even_when_the_model_prefers_them(features):
     model = make_model()
     with torch.no_grad():
         model.classifier.bias[[PAD, START, UNK]] += 10.0
+    state = model.init_state(features)
+    logits = model.step(torch.full((len(features),), START), state)[0]
+    assert set(logits.argmax(dim=1).tolist()) <= {PAD, START, UNK}, "the model should prefer them"
     for config in (DecodingConfig(beam_size=1), DecodingConfig(beam_size=3),
                    DecodingConfig(do_sample=True, seed=0, num_return_sequences=3)):
-        hyps = [h for hs in generate(model, features, config, unk_id=UNK) for h in hs]
-        assert all(not {PAD, START, UNK} & set(h.token_ids) for h in hyps)
-        # without unk_id, <unk> is an ordinary token and this model loves it
         hyps = [h for hs in generate(model, features, config) for h in hs]
-        assert any(UNK in h.token_ids for h in hyps)
+        assert all(not {PAD, START, UNK} & set(h.token_ids) for h in hyps)
 
 
 # -- constraints and scoring --------------------------------------------------------------------------------------
@@ -276,12 +240,13 @@ def test_temperature_changes_the_reported_logprobs(model, features):
     (dict(beam_size=2, num_return_sequences=3), "num_return_sequences"),
     (dict(do_sample="yes"), "do_sample"), (dict(seed=-1), "seed"), (dict(seed="abc"), "seed"),
 ])
-def test_invalid_configs_raise_config_error(model, features, bad, word):
-    config = DecodingConfig(**bad)
+def test_invalid_configs_raise_config_error(bad, word):
     with pytest.raises(ConfigError, match=word):
-        config.validate()
+        DecodingConfig(**bad)
     with pytest.raises(ConfigError, match=word):
-        generate(model, features[:1], config)
+        DecodingConfig.from_dict(bad)
+    with pytest.raises(ConfigError, match=word):
+        dataclasses.replace(DecodingConfig(beam_size=2), **bad)
 
 
 def test_config_round_trip_and_unknown_keys():
@@ -292,7 +257,17 @@ def test_config_round_trip_and_unknown_keys():
     with pytest.raises(ConfigError, match="max_length"):
         DecodingConfig.from_dict({"max_length": -1})
     # sampling with more samples than beams is fine: beam_size is ignored when sampling
-    DecodingConfig(beam_size=1, do_sample=True, num_return_sequences=5).validate()
+    DecodingConfig(beam_size=1, do_sample=True, num_return_sequences=5)
+
+
+def test_config_is_frozen_hashable_by_value_and_names_its_mode():
+    assert DecodingConfig(beam_size=4) == DecodingConfig(beam_size=4)
+    assert len({DecodingConfig(beam_size=4), DecodingConfig(beam_size=4), DecodingConfig()}) == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DecodingConfig().beam_size = 5
+    assert [DecodingConfig(beam_size=1).mode, DecodingConfig(beam_size=3).mode,
+            DecodingConfig(do_sample=True).mode] == ["greedy", "beam", "sample"]
+    assert DecodingConfig(beam_size=3).describe() == "beam search, width 3"
 
 
 def test_bad_features_raise_config_error(model):

@@ -29,8 +29,10 @@ def free_port() -> int:
 
 
 def torchrun(module: str, args: list[str], ranks: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """`module` is a module name (core.train) or a script path (tests/ddp_weights.py)."""
+    target = [module] if module.endswith(".py") else ["-m", module]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", module, *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target, *args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
     done = subprocess.run(cmd, cwd=REPO, env=environment, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -61,8 +63,8 @@ def common(data: Path, features: Path) -> list[str]:
 
 def test_two_ranks_end_with_identical_weights_and_loss_falls(tiny_flickr, tiny_features, tmp_path):
     out = tmp_path / "ddp"
-    torchrun("core.train", [*common(tiny_flickr, tiny_features), "--out", str(out), "--epochs", "6",
-                            "--batch-size", "8"], CAPTIONSCOPE_DDP_CHECK="1")
+    torchrun(str(Path(__file__).with_name("ddp_weights.py")),
+             [*common(tiny_flickr, tiny_features), "--out", str(out), "--epochs", "6", "--batch-size", "8"])
     shas = [(out / f"rank{r}.sha").read_text().strip() for r in range(2)]
     assert shas[0] == shas[1] and len(shas[0]) == 64
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]   # rank 0 only: one line/epoch

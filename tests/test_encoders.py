@@ -95,3 +95,52 @@ def test_compiled_inference_equals_eager_and_falls_back(monkeypatch):
         assert torch.equal(fresh.inference_forward()(pixels), eager)
     monkeypatch.setenv("CAPTIONSCOPE_COMPILE", "0")
     assert build_encoder("efficientnet_lite2", "none").inference_forward().__class__.__name__ == "Encoder"
+
+
+@pytest.mark.parametrize("size,grid", [(224, 7), (260, 9), (320, 10), (128, 4)])
+def test_grid_follows_the_input_size(size, grid):
+    from core.encoders import encoder_spec, feature_key, grid_for
+    assert grid_for(size) == grid and encoder_spec("efficientnet_lite2", size).num_regions == grid * grid
+    assert feature_key("efficientnet_lite2", 224) == "efficientnet_lite2"   # the caches made before sizes existed
+    assert feature_key("efficientnet_lite2", size, 2) == (
+        "efficientnet_lite2-tail2" if size == 224 else f"efficientnet_lite2@{size}-tail2")
+
+
+@pytest.mark.parametrize("size", [63, 1025, 224.0, "320"])
+def test_bad_image_sizes_are_refused_by_name(size):
+    with pytest.raises(ConfigError, match="image size"):
+        build_encoder("efficientnet_lite2", "none", size)
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_trunk_then_tail_equals_the_whole_encoder(name):
+    """The split that fine-tuning from cached activations relies on: trunk(n) then tail(n) == forward."""
+    torch.manual_seed(0)
+    encoder = build_encoder(name, "none", 128).eval()
+    pixels = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    with torch.inference_mode():
+        whole = encoder(pixels)
+        assert whole.shape == (2, 16, ENCODERS[name].feature_dim)
+        for n in (1, 2):
+            assert torch.allclose(encoder.tail(encoder.trunk(pixels, n), n), whole, atol=1e-4)
+    with pytest.raises(ConfigError, match="tail stages"):
+        encoder.trunk(pixels, len(encoder.stages) + 1)
+
+
+def test_encoder_state_loads_whole_or_exact_tail_and_names_mismatches():
+    torch.manual_seed(0)
+    source, target = build_encoder("efficientnet_lite2", "none"), build_encoder("efficientnet_lite2", "none")
+    tail = {k: v + 1 for k, v in source.tail_state_dict(2).items()}
+    assert tail and all(k.startswith(("blocks.6.", "conv_head.", "bn2.")) for k in tail)
+    before = target.backbone.conv_stem.weight.clone()
+    target.load_encoder_state(tail, 2)
+    assert torch.equal(target.backbone.conv_head.weight, tail["conv_head.weight"])
+    assert torch.equal(target.backbone.conv_stem.weight, before)          # the trunk is untouched
+    with pytest.raises(ConfigError, match="missing"):
+        target.load_encoder_state(tail, 3)                                  # blocks.5 absent
+    with pytest.raises(ConfigError, match="unexpected"):
+        target.load_encoder_state({**tail, "conv_stem.weight": before}, 2)
+    with pytest.raises(ConfigError, match="shape"):
+        target.load_encoder_state({**tail, "conv_head.weight": torch.zeros(3, 3)}, 2)
+    target.load_encoder_state(source.backbone.state_dict(), 0)             # a whole backbone also loads
+    assert torch.equal(target.backbone.conv_stem.weight, source.backbone.conv_stem.weight)

@@ -83,3 +83,28 @@ def test_cli_reports_bad_data_dir(tmp_path, capsys):
     from core.features import main
     assert main(["--data", str(tmp_path / "nothing"), "--encoder-weights", "none"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_activation_cache_derives_the_feature_cache_and_stale_keys_are_refused(tiny_flickr, tmp_path):
+    """--tail-stages 2 caches what enters the last two stages; --from-tail 2 runs only those stages and gives
+    the features a direct extraction gives (up to float16 storage); a cache under another key is refused."""
+    import shutil
+    from core.features import derive_features, main
+    torch.manual_seed(0)
+    encoder = build_encoder("efficientnet_lite2", "none", 128)
+    items = load_dataset(tiny_flickr).split("dev")
+    paths = [it.path for it in items]
+    acts = extract_features(encoder, paths, tmp_path, "dev", num_workers=0, progress=False, tail_stages=2)
+    assert acts.key == "efficientnet_lite2@128-tail2" and acts.array.shape == (8, 16, 208)
+    derived = derive_features(encoder, acts, 2, tmp_path, "dev")
+    direct = extract_features(encoder, paths, tmp_path / "direct", "dev", num_workers=0, progress=False)
+    assert derived.key == direct.key == "efficientnet_lite2@128" and derived.images == direct.images
+    assert torch.allclose(derived.get(np.arange(8)), direct.get(np.arange(8)), atol=5e-2, rtol=2e-2)
+    # a 128 px cache copied where 224 px features belong is not reused
+    shutil.copytree(tmp_path / "efficientnet_lite2@128", tmp_path / "efficientnet_lite2")
+    with pytest.raises(DataError, match="made as 'efficientnet_lite2@128'"):
+        open_features(tmp_path, "efficientnet_lite2", "dev")
+    with pytest.raises(DataError, match="--image-size 320 --tail-stages 2"):   # the message says what to run
+        open_features(tmp_path, "efficientnet_lite2@320-tail2", "dev")
+    assert main(["--data", str(tiny_flickr), "--split", "dev", "--encoder-weights", "none", "--image-size", "128",
+                 "--tail-stages", "2", "--from-tail", "1", "--out", str(tmp_path)]) == 2   # only towards the output

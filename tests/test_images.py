@@ -249,3 +249,54 @@ def test_huge_jpeg_is_downscaled_while_decoding_and_big_files_are_refused(tmp_pa
     assert outcome == "error" and path.stat().st_size > ImageLimits().max_bytes
     with pytest.raises(ImageError, match=rf"^{re.escape(str(path))}: {EXPECTED_ERRORS['oversized_file']}"):
         load_image(path)
+
+
+# -- display: bounded pictures of any image shape ----------------------------------------------------------------
+
+DISPLAY_SHAPES = [(1, 1024), (1024, 1), (1, 1), (3, 1024), (640, 480), (480, 640), (1024, 1024), (1024, 200)]
+
+
+@pytest.mark.parametrize("size", DISPLAY_SHAPES)
+@pytest.mark.parametrize("width", [None, 224, 320, 5000])
+def test_display_box_is_bounded_and_keeps_the_image_shape(size, width):
+    from core.images import DISPLAY_LIMITS, display_box
+    box = display_box(size, width)
+    cw, ch = box.canvas
+    x0, y0, x1, y1 = box.content
+    assert 1 <= cw <= DISPLAY_LIMITS.max_side and 1 <= ch <= DISPLAY_LIMITS.max_side
+    assert max(cw, ch) / min(cw, ch) <= DISPLAY_LIMITS.max_aspect + 0.02
+    assert 0 <= x0 < x1 <= cw and 0 <= y0 < y1 <= ch
+    W, H = size
+    iw, ih = box.content_size
+    # the image keeps its aspect ratio (to the pixel) and touches the canvas on at least one axis
+    assert abs(iw * H - ih * W) <= max(W, H) and (iw == cw or ih == ch)
+    if width is not None:
+        assert cw == min(width, DISPLAY_LIMITS.max_side) or ch == DISPLAY_LIMITS.max_side
+
+
+def test_display_box_of_ordinary_photos_is_the_photo_itself():
+    from core.images import display_box
+    assert display_box((640, 480)).canvas == (640, 480)
+    assert display_box((640, 480), 224).canvas == (224, 168)
+    assert display_box((640, 480), 224).content == (0, 0, 224, 168)
+
+
+def test_display_box_shares_the_pixel_budget_between_panels():
+    from core.images import DISPLAY_LIMITS, display_box
+    one = display_box((1, 1024), 1024)
+    many = display_box((1, 1024), 1024, panels=500)
+    assert many.canvas[0] * many.canvas[1] * 500 <= DISPLAY_LIMITS.max_total_pixels
+    assert many.canvas[0] < one.canvas[0]
+
+
+def test_fit_for_display_letterboxes_a_strip():
+    import numpy as np
+    from core.images import DISPLAY_FILL, fit_for_display
+    strip = Image.new("RGB", (1, 1024), (200, 0, 0))
+    shown = fit_for_display(strip)
+    assert shown.size == (256, 1024)
+    pixels = np.asarray(shown)
+    assert (pixels[:, 128] == (200, 0, 0)).all() or (pixels[:, 127] == (200, 0, 0)).all()
+    assert tuple(pixels[0, 0]) == DISPLAY_FILL
+    photo = Image.new("RGB", (300, 200), (1, 2, 3))
+    assert fit_for_display(photo).size == (300, 200)

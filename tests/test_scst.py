@@ -64,8 +64,7 @@ def test_samples_stop_at_end_and_logprobs_carry_gradients(tiny_checkpoint, tiny_
     ckpt = load_checkpoint(tiny_checkpoint)
     feats = open_features(tiny_features, "efficientnet_lite2", "train").get(np.arange(4))
     gen = torch.Generator().manual_seed(0)
-    tokens, logprob = sample_captions(ckpt.model, feats.repeat_interleave(3, 0), 12, generator=gen,
-                                      banned_ids=[0, 1, 3])
+    tokens, logprob = sample_captions(ckpt.model, feats.repeat_interleave(3, 0), 12, generator=gen)
     assert logprob.requires_grad and logprob.shape == (12,) and bool((logprob <= 0).all())
     for row in tokens.tolist():
         if 2 in row:                                 # after <end>: only padding
@@ -105,7 +104,7 @@ def test_cli_logs_checkpoints_and_resumes_exactly(tiny_checkpoint, tiny_flickr, 
 
     last = load_checkpoint(straight / "last.safetensors")
     best = load_checkpoint(straight / "best.safetensors")
-    assert last.metadata["dtype"] == "float32" and best.metadata["dtype"] == "float16"
+    assert last.metadata.dtype == "float32" and best.metadata.dtype == "float16"
     assert last.training["phase"] == "scst" and last.training["init"] == str(tiny_checkpoint)
     assert set(last.training["dev"]) == {"BLEU-4", "CIDEr-D"} and last.training["steps"] == 4
     assert last.encoder == load_checkpoint(tiny_checkpoint).encoder
@@ -128,3 +127,15 @@ def test_bad_input_is_a_one_line_error(tiny_flickr, tiny_features, tmp_path, cap
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
     bad = main(["--init", "x.safetensors", "--data", str(tiny_flickr), "--samples", "0"])
     assert bad == 2
+
+
+def test_bleu_weight_adds_pycocoevalcaps_sentence_bleu4():
+    from pycocoevalcap.bleu.bleu import Bleu
+    images = list(REFS)
+    cider_only = CiderDReward(REFS)(list(PREDS.values()), images)
+    mixed = CiderDReward(REFS, bleu_weight=0.5)(list(PREDS.values()), images)
+    tok = lambda s: " ".join(simple_tokenize(s))
+    _, per_sentence = Bleu(4).compute_score({k: [tok(r) for r in v] for k, v in REFS.items()},
+                                            {k: [tok(v)] for k, v in PREDS.items()}, verbose=0)
+    assert np.allclose(mixed - cider_only, 0.5 * np.asarray(per_sentence[3]))
+    assert (mixed > cider_only).any()

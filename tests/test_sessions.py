@@ -2,7 +2,7 @@
 
 Every session must show its own image's caption (computed in-process with core.captioner.Captioner on the
 same checkpoint and decoding settings) and nothing from another session; the server must load the model
-once (the server is started through tests.browser's counting wrapper, which logs each
+once (the server is started through tests.browser_harness's counting wrapper, which logs each
 Captioner.from_checkpoint call) and stay under MEMORY_BOUND_MB of peak resident memory. Each session has a
 hard timeout and so has the whole run; the server and browser are stopped at the end.
 """
@@ -16,7 +16,7 @@ import pytest
 from conftest import COLOURS, SHAPES, draw_shape
 from PIL import Image, ImageOps
 
-from tests.browser import (
+from tests.browser_harness import (
     CAPTION_ROWS_JS,
     CHECKPOINT_NAME,
     CHROMIUM,

@@ -64,3 +64,42 @@ def test_fine_tuning_the_last_encoder_block(tiny_flickr, tmp_path):
     captioner = Captioner.from_checkpoint(out / "last.safetensors", device="cpu")
     assert torch.equal(captioner.encoder.backbone.conv_head.weight, ckpt.encoder_state["conv_head.weight"])
     assert captioner.caption(next((tiny_flickr / "images").glob("*.jpg")), DecodingConfig()).hypotheses
+
+
+def test_fine_tuning_the_encoder_tail_from_its_activation_cache(tiny_flickr, tmp_path):
+    """At 128 px (a 4x4 grid), train the last two encoder stages from `--tail-stages 2` activations: only
+    those stages change, the checkpoint stores just them and its grid, and every consumer (the captioner
+    from images, the corpus path from the cache, SCST) sees the same fine-tuned encoder."""
+    from core.corpus import caption_split
+    from core.data import load_dataset
+    from core.encoders import build_encoder
+    from core.features import main as features_main
+    from core.scst import main as scst_main
+
+    feats, out = tmp_path / "features", tmp_path / "ft"
+    torch.manual_seed(0)
+    assert features_main(["--data", str(tiny_flickr), "--encoder-weights", "none", "--image-size", "128",
+                          "--tail-stages", "2", "--out", str(feats), "--workers", "0"]) == 0
+    assert main(["--data", str(tiny_flickr), "--features", str(feats), "--out", str(out), "--epochs", "2",
+                 "--batch-size", "8", "--min-count", "1", "--eval-beam", "1", "--image-size", "128",
+                 "--fine-tune-blocks", "2", "--encoder-weights", "none", "--encoder-lr", "1e-3", *TINY_MODEL]) == 0
+    ckpt = load_checkpoint(out / "last.safetensors")
+    assert ckpt.encoder["tail_stages"] == 2 and ckpt.encoder["grid"] == 4 and ckpt.model.config.num_regions == 16
+    assert ckpt.encoder_state and all(k.startswith(("blocks.6.", "conv_head.", "bn2.")) for k in ckpt.encoder_state)
+    torch.manual_seed(0)
+    original = build_encoder("efficientnet_lite2", "none", 128).backbone.state_dict()
+    assert any(not torch.equal(v, original[k]) for k, v in ckpt.encoder_state.items())   # the tail was trained
+
+    torch.manual_seed(0)   # the same random trunk as the cache was made with
+    captioner = Captioner.from_checkpoint(out / "last.safetensors", encoder_weights="none", device="cpu")
+    items = load_dataset(tiny_flickr).split("dev")
+    image = captioner.caption(items[0].path, DecodingConfig(beam_size=2))
+    assert image.hypotheses[0].attention.shape[1] == 16
+    from_files = caption_split(captioner, items, DecodingConfig(beam_size=2), features_dir=None)
+    from_cache = caption_split(captioner, items, DecodingConfig(beam_size=2), features_dir=feats)
+    assert [from_files[it.image]["caption"] for it in items] == [from_cache[it.image]["caption"] for it in items]
+    assert scst_main(["--init", str(out / "last.safetensors"), "--data", str(tiny_flickr), "--features", str(feats),
+                      "--out", str(tmp_path / "scst"), "--max-steps", "2", "--batch-size", "4", "--samples", "2",
+                      "--eval-beam", "1", "--bleu-weight", "0.5"]) == 0
+    after = load_checkpoint(tmp_path / "scst" / "last.safetensors")
+    assert after.encoder == ckpt.encoder and after.encoder_state.keys() == ckpt.encoder_state.keys()

@@ -1,7 +1,7 @@
 """Cached calls into core/, so moving between words, beams and pages never recomputes anything.
 
-Per-image results go through `st.cache_data`, keyed by (checkpoint id = file sha256, image content hash,
-decoding dict, ...). The heavy live objects (captioner, image, features) are passed as `_`-prefixed
+Per-image results go through `st.cache_data`, keyed by a `CaptionKey` (checkpoint id = file sha256, image
+content hash, decoding config) and the view's own settings. The heavy live objects (captioner, image, features) are passed as `_`-prefixed
 arguments, which Streamlit does not hash. Corpus work reports progress while it runs, and a cached
 function may not draw into elements created outside it, so corpus results use core.corpus.CaptionCache
 (memory + disk) instead, one instance per server process.
@@ -13,18 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import Image
 
 from core import analysis, corpus
-from core.captioner import Captioner
+from core.captioner import CaptionResult, Captioner
 from core.data import ImageCaptions
-from core.decoding import DecodingConfig, Hypothesis
+from core.decoding import DecodingConfig
 from core.images import ImageLimits, content_hash, read_source_bytes
+from core.io_utils import printable_name
 from core.metrics import java_available
-from ui.state import cache_dir, features_dir
+from ui.settings import cache_dir, features_dir
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,9 @@ class ImageInput:
 
     @classmethod
     def from_upload(cls, upload) -> "ImageInput":
-        """Streamlit UploadedFile -> ImageInput; ImageError if over the size cap."""
-        data, name = read_source_bytes(upload, ImageLimits())
+        """Streamlit UploadedFile -> ImageInput (name cleaned for display); ImageError if over the size cap."""
+        name = printable_name(Path(str(upload.name)).name) or "upload"
+        data, name = read_source_bytes(upload, ImageLimits(), name=name)
         return cls.from_bytes(name, data, "upload")
 
     @classmethod
@@ -51,36 +52,36 @@ class ImageInput:
         return cls.from_bytes(Path(path).name, data, origin)
 
 
-@dataclass
-class Decoded:
-    """What the pages show for one image and one decoding config (picklable: it is what cache_data stores)."""
-    name: str
-    hypotheses: list[Hypothesis]
-    words: list[list[str]]
-    encode_ms: float
-    decode_ms: float
+@dataclass(frozen=True)
+class CaptionKey:
+    """What one image's captions depend on, the key of every per-image cache: the weights, the image's
+    content and the decoding settings (a frozen DecodingConfig hashes by value)."""
+    checkpoint_id: str
+    image_key: str
+    decoding: DecodingConfig
 
-    @property
-    def caption(self) -> str:
-        return " ".join(self.words[0]) if self.words else ""
+    @classmethod
+    def of(cls, captioner: Captioner, image: ImageInput, decoding: DecodingConfig) -> "CaptionKey":
+        return cls(captioner.checkpoint_id, image.key, decoding)
 
-    def tokens(self, index: int) -> list[str]:
-        """Words of hypothesis `index` plus <end> when it finished: one per attention row."""
-        hyp = self.hypotheses[index]
-        return self.words[index] + ([analysis.END_TOKEN] if hyp.finished else [])
+
+@dataclass(frozen=True)
+class HeatmapStyle:
+    """How attention heatmaps are drawn."""
+    opacity: float = 0.5
+    cmap: str = "jet"
+    smooth: bool = True
+    cols: int = 5                # words per row of the grid
 
 
 @st.cache_data(max_entries=512, show_spinner="Captioning…")
-def _decode(checkpoint_id: str, content_key: str, decoding: dict, name: str, _captioner: Captioner,
-            _data: bytes) -> Decoded:
-    result = _captioner.caption(_data, DecodingConfig.from_dict(decoding), name=name)
-    return Decoded(result.name, result.hypotheses, result.words, result.encode_ms, result.decode_ms)
+def _decode(key: CaptionKey, name: str, _captioner: Captioner, _data: bytes) -> CaptionResult:
+    return _captioner.caption(_data, key.decoding, name=name)
 
 
-def caption(captioner: Captioner, image: ImageInput, decoding: DecodingConfig) -> tuple[Decoded, Image.Image]:
-    """Decoded n-best + the upright display image; raises ImageError for a bad file."""
-    decoded = _decode(captioner.checkpoint_id, image.key, decoding.to_dict(), image.name, captioner, image.data)
-    return decoded, display_image(captioner, image)
+def caption(captioner: Captioner, image: ImageInput, decoding: DecodingConfig) -> CaptionResult:
+    """The n-best captions with the upright display image; raises ImageError for a bad file."""
+    return _decode(CaptionKey.of(captioner, image, decoding), image.name, captioner, image.data)
 
 
 def display_image(captioner: Captioner, image: ImageInput) -> Image.Image:
@@ -93,34 +94,32 @@ def features(captioner: Captioner, image: ImageInput):
 
 # -- attention views ----------------------------------------------------------------------------------------------
 @st.cache_data(max_entries=128, show_spinner="Drawing the attention grid…")
-def attention_grid_png(checkpoint_id: str, content_key: str, decoding: dict, index: int, opacity: float,
-                       cmap: str, smooth: bool, cols: int, _image: Image.Image, _words: list[str],
-                       _attention: np.ndarray, _grid: int) -> bytes:
-    grid_image = analysis.attention_grid(_image, _words, _attention, _grid, cols=cols, opacity=opacity,
-                                         cmap=cmap, smooth=smooth)
+def attention_grid_png(key: CaptionKey, index: int, style: HeatmapStyle, _result: CaptionResult,
+                       _grid: int) -> bytes:
+    """Every word of hypothesis `index` over the image, as one PNG."""
+    grid_image = analysis.attention_grid(_result.image, _result.words[index], _result.hypotheses[index].attention,
+                                         _grid, cols=style.cols, opacity=style.opacity, cmap=style.cmap,
+                                         smooth=style.smooth)
     return analysis.image_to_png_bytes(grid_image)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def attention_gif(checkpoint_id: str, content_key: str, decoding: dict, index: int, opacity: float, cmap: str,
-                  smooth: bool, _image: Image.Image, _words: list[str], _attention: np.ndarray,
-                  _grid: int) -> bytes:
-    return analysis.attention_gif_bytes(_image, _words, _attention, _grid, opacity=opacity, cmap=cmap,
-                                        smooth=smooth)
+def attention_gif(key: CaptionKey, index: int, style: HeatmapStyle, _result: CaptionResult, _grid: int) -> bytes:
+    return analysis.attention_gif_bytes(_result.image, _result.words[index], _result.hypotheses[index].attention,
+                                        _grid, opacity=style.opacity, cmap=style.cmap, smooth=style.smooth)
 
 
 @st.cache_data(max_entries=64, show_spinner="Re-encoding the occluded image…")
-def occlusion(checkpoint_id: str, content_key: str, decoding: dict, index: int, word_index: int,
-              region: tuple[int, int, int, int] | None, _captioner: Captioner, _image: Image.Image,
-              _hypothesis: Hypothesis) -> analysis.OcclusionResult:
-    return analysis.occlusion_test(_captioner, _image, _hypothesis, word_index,
-                                   DecodingConfig.from_dict(decoding), region=region)
+def occlusion(key: CaptionKey, index: int, word_index: int, region: tuple[int, int, int, int] | None,
+              _captioner: Captioner, _result: CaptionResult) -> analysis.OcclusionResult:
+    return analysis.occlusion_test(_captioner, _result.image, _result.hypotheses[index], word_index,
+                                   key.decoding, region=region)
 
 
 @st.cache_data(max_entries=64, show_spinner="Decoding at each beam width…")
-def beam_rows(checkpoint_id: str, content_key: str, widths: tuple[int, ...], base: dict,
-              _captioner: Captioner, _features) -> list[dict]:
-    return corpus.compare_beams(_captioner, _features, list(widths), DecodingConfig.from_dict(base))
+def beam_rows(key: CaptionKey, widths: tuple[int, ...], _captioner: Captioner, _features) -> list[dict]:
+    """`key.decoding` is the base config; each width replaces its beam size."""
+    return corpus.compare_beams(_captioner, _features, list(widths), key.decoding)
 
 
 # -- corpus work (progress bars, so no st.cache_data: see the module docstring) ----------------------------------
@@ -144,7 +143,7 @@ def caption_split(captioner: Captioner, items: Sequence[ImageCaptions], decoding
     bar, update = _progress_bar(f"Captioning the {split} split…")
     try:
         return corpus.caption_split(captioner, items, decoding, features_dir=features_dir(), split=split,
-                                    cache=caption_cache(), progress=update)
+                                    cache=caption_cache(), progress=update).captions
     finally:
         bar.empty()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from pathlib import Path
+import re
 from typing import Mapping
 
 import pandas as pd
@@ -13,19 +13,16 @@ from PIL import Image, ImageOps
 
 from core.errors import CaptionScopeError
 from core.images import SUPPORTED_EXTENSIONS, ImageLimits
+from core.io_utils import mtime_ns  # noqa: F401  (the pages key thumbnails on it)
+from core.io_utils import printable_name
 from core.metrics import METRIC_NAMES
-from ui import state
-from ui.cache import Decoded, ImageInput
+from ui import settings, state
+from core.captioner import CaptionResult
+from ui.cache import ImageInput
 
+# Asked of every image uploader: the server's maxUploadSize is the larger checkpoint limit (ui.state).
 MAX_UPLOAD_MB = ImageLimits().max_bytes // 2**20
-
-# Xu et al. 2015, "Show, Attend and Tell", Table 1 (Flickr8K).
-PAPER_FLICKR8K = {
-    "Xu et al. 2015, soft attention": {"BLEU-1": 67.0, "BLEU-2": 44.8, "BLEU-3": 29.9, "BLEU-4": 19.5,
-                                       "METEOR": 18.93},
-    "Xu et al. 2015, hard attention": {"BLEU-1": 67.0, "BLEU-2": 45.7, "BLEU-3": 31.4, "BLEU-4": 21.3,
-                                       "METEOR": 20.30},
-}
+MAX_PICKER_OPTIONS = 5000     # a selectbox sends every option to the browser: the first n of a huge split
 
 
 def upload_help() -> str:
@@ -33,7 +30,7 @@ def upload_help() -> str:
 
 
 def example_input(name: str) -> ImageInput:
-    return ImageInput.from_path(state.example_images()[name], "example")
+    return ImageInput.from_path(settings.example_images()[name], "example")
 
 
 def flickr_input(dataset, image_name: str) -> ImageInput:
@@ -51,7 +48,7 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
 
     Shows the ImageError of a bad upload in place and returns None then.
     """
-    examples = state.example_images()
+    examples = settings.example_images()
     sources = ["Example", "Upload"] + (["Flickr8K dev"] if allow_flickr and state.flickr_dir() else [])
     key = f"{state.PERSIST}{prefix}_source"
     if st.session_state.get("requested_example") in examples:
@@ -61,21 +58,22 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
     try:
         if source == "Upload":
             upload = st.file_uploader("Upload an image", type=list(SUPPORTED_EXTENSIONS), key=f"{prefix}_upload",
-                                      help=upload_help())
+                                      help=upload_help(), max_upload_size=MAX_UPLOAD_MB)
             return ImageInput.from_upload(upload) if upload is not None else None
         if source == "Flickr8K dev":
             dataset, error = state.get_dataset()
             if dataset is None:
                 st.info(error)
                 return None
-            split = "dev" if "dev" in dataset.splits else next(iter(dataset.splits))
-            names = [it.image for it in dataset.splits[split]]
+            split = dataset.browse_split
+            names = [it.image for it in dataset.splits[split]][:MAX_PICKER_OPTIONS] if split else []   # options are all sent
             if not names:
                 st.info(f"The {split} split is empty.")
                 return None
             key = f"{state.PERSIST}{prefix}_flickr"
             init_state(key, names[0], set(names))
-            name = st.selectbox(f"{split} image", names, key=key, help="Type to search the file names.")
+            name = st.selectbox(f"{split} image", names, key=key, help="Type to search the file names.",
+                                format_func=printable_name)
             return flickr_input(dataset, name)
         if not examples:
             st.info("No example photos found in assets/examples/.")
@@ -92,7 +90,16 @@ def single_image_picker(prefix: str, *, allow_flickr: bool = True) -> ImageInput
         return None
 
 
-def nbest_frame(decoded: Decoded) -> pd.DataFrame:
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$])")
+
+
+def escape_markdown(text: str) -> str:
+    """Text from a file or a model, shown literally inside st.markdown: no links, images, HTML, LaTeX or
+    Streamlit directives (":red[...]", ":material/...:") made from it."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def nbest_frame(decoded: CaptionResult) -> pd.DataFrame:
     rows = [{"rank": i + 1, "caption": " ".join(words), "log-prob": hyp.logprob,
              "normalised": hyp.logprob / max(hyp.length, 1), "score": hyp.score, "length": len(words),
              "finished": hyp.finished}
@@ -135,10 +142,6 @@ def facts_row(facts: Mapping[str, str]) -> None:
         col.markdown(f"**{value}**")
 
 
-def metric_columns() -> dict:
-    return {m: st.column_config.NumberColumn(m, format="%.1f") for m in METRIC_NAMES}
-
-
 @st.cache_data(max_entries=4096, show_spinner=False)
 def thumbnail_uri(path: str, mtime_ns: int, side: int = 96) -> str:
     """A small JPEG as a data: URI, for st.column_config.ImageColumn (only made for rows on screen)."""
@@ -161,10 +164,3 @@ def square_thumbnail(path: str, mtime_ns: int, side: int = 320) -> Image.Image:
     del mtime_ns
     with Image.open(path) as im:
         return ImageOps.fit(im.convert("RGB"), (side, side), Image.LANCZOS)
-
-
-def mtime_ns(path: Path | str) -> int:
-    try:
-        return Path(path).stat().st_mtime_ns
-    except OSError:
-        return 0

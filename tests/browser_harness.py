@@ -277,16 +277,13 @@ def checkpoint_folder(request, tmp_path_factory) -> Path:
 def app_decoding(captioner):
     """The DecodingConfig the dashboard starts with: the checkpoint's defaults, n-best = the whole beam."""
     import dataclasses
-
-    from core.decoding import DecodingConfig
-    config = DecodingConfig.from_dict(dict(captioner.metadata.get("decoding") or {}))
+    config = captioner.default_decoding()
     return dataclasses.replace(config, num_return_sequences=config.beam_size)
 
 
 def decoding_line(config) -> str:
     """The start of the Caption page's "Decoding: ..." line for a beam-search config (to check the app agrees)."""
-    mode = "greedy search" if config.beam_size == 1 else f"beam search, width {config.beam_size}"
-    return (f"Decoding: {mode} · length penalty {config.length_penalty:g} · "
+    return (f"Decoding: {config.describe()} · length penalty {config.length_penalty:g} · "
             f"max length {config.max_length}")
 
 
