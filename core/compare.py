@@ -115,12 +115,11 @@ def compare_checkpoints(a, b, items: Sequence[ImageCaptions], decoding: Decoding
 
     if not items:
         raise ConfigError(f"the {split} split has no images to compare")
-    decoding.validate()
     captions = {}
     for k, (side, captioner) in enumerate(zip(SIDES, (a, b))):
         report = (lambda d, t, k=k: progress(k * t + d, 2 * t)) if progress else None
         captions[side] = caption_split(captioner, items, decoding, features_dir=features_dir, split=split,
-                                       cache=cache, progress=report)
+                                       cache=cache, progress=report).captions
     references = {it.image: list(it.captions) for it in items}
     metrics = [m for m in METRIC_NAMES if with_meteor or m != "METEOR"]
     scores = score_caption_sets({s: {n: e["caption"] for n, e in captions[s].items()} for s in SIDES},
@@ -169,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     decoding = DecodingConfig(beam_size=args.beam, length_penalty=args.length_penalty,
                               no_repeat_ngram_size=args.no_repeat_ngram, max_length=args.max_length)
-    decoding.validate()
     items = load_dataset(args.data).split(args.split)
     items = items[: args.limit] if args.limit else items
     a, b = (Captioner.from_checkpoint(p, encoder_weights=args.encoder_weights) for p in (args.a, args.b))

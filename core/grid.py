@@ -95,8 +95,7 @@ def build_grid(base: DecodingConfig, axes: Mapping[str, Sequence], *,
 def _checked(base: DecodingConfig, changes: dict, axes: Sequence[str]) -> DecodingConfig:
     described = ", ".join(f"{a}={_fmt(v)}" for a, v in changes.items()) or setting_label(base, axes)
     try:
-        config = dataclasses.replace(base, **changes)
-        config.validate()
+        config = dataclasses.replace(base, **changes)   # a DecodingConfig validates itself when made
     except ConfigError as e:
         raise ConfigError(f"decoding grid: the setting {described} is invalid: {e}") from None
     except (TypeError, ValueError) as e:
@@ -169,11 +168,10 @@ def decode_grid(captioner, items: Sequence[ImageCaptions], settings: Sequence[De
     done: dict[int, tuple[dict, float]] = {}
     n = len(items)
     for step, k in enumerate(mine):
-        info: dict = {}
         report = (lambda d, t, s=step: progress(s * n + d, len(mine) * n)) if progress else None
-        entries = caption_split(captioner, items, todo[k], features_dir=features_dir, split=split, cache=cache,
-                                progress=report, batch_size=batch_size, info=info)
-        done[k] = (entries, float(info.get("decode_s", 0.0)))
+        run = caption_split(captioner, items, todo[k], features_dir=features_dir, split=split, cache=cache,
+                            progress=report, batch_size=batch_size)
+        done[k] = (run.captions, float(run.decode_s))
     if world > 1:
         gathered: list | None = [None] * world if rank == 0 else None
         torch.distributed.gather_object(done, gathered, dst=0)

@@ -5,20 +5,20 @@ import dataclasses
 import streamlit as st
 
 from core.compare import attention_alignment
-from ui import compare_view, state, widgets
+from ui import compare_view, settings, sidebar, state, widgets
 
 P = state.PERSIST
 
-state.page_setup()
+sidebar.page_setup()
 st.title("Compare checkpoints")
-choices = state.available_checkpoints()
+choices = settings.available_checkpoints()
 if not choices:
-    st.info(f"No checkpoint in {state.checkpoint_dir()}: add one (or upload one in the sidebar) to compare.")
+    st.info(f"No checkpoint in {settings.checkpoint_dir()}: add one (or upload one in the sidebar) to compare.")
     st.stop()
 labels = [c.label for c in choices]
 by_label = dict(zip(labels, choices))
-sidebar = state.selected_checkpoint()
-widgets.init_state(f"{P}cmp_a", sidebar.label if sidebar is not None and sidebar.label in by_label else labels[0],
+chosen = state.selected_checkpoint()
+widgets.init_state(f"{P}cmp_a", chosen.label if chosen is not None and chosen.label in by_label else labels[0],
                    labels)
 widgets.init_state(f"{P}cmp_b", next((l for l in labels if l != st.session_state[f"{P}cmp_a"]), labels[0]), labels)
 c1, c2 = st.columns(2)

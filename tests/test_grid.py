@@ -94,7 +94,7 @@ def test_each_row_equals_scoring_that_setting_alone(tiny_grid, tiny_features):
     assert list(table["setting"]) == result.labels and len(table) == 8
     assert list(table.columns[:4]) == ["setting", *AXES]
     for config, label in zip(result.settings, result.labels):
-        alone = caption_split(captioner, items, config, features_dir=tiny_features, split="dev")
+        alone = caption_split(captioner, items, config, features_dir=tiny_features, split="dev").captions
         assert result.captions[label] == alone
         scores = score_split(alone, items, with_meteor=False, tokenizer="simple")
         row = table[table["setting"] == label].iloc[0]

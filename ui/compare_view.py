@@ -14,20 +14,22 @@ from core.data import ImageCaptions
 from core.decoding import DecodingConfig
 from core.errors import CaptionScopeError
 from core.metrics import METRIC_NAMES, java_available
+from core.io_utils import mtime_ns
 from ui import cache, marks, state, widgets
+from ui import settings as ui_settings
 from ui.cache import ImageInput
 
 ORDERS = {"Biggest changes first": "abs", "Biggest wins of B first": "wins", "Biggest losses of B first": "losses"}
 KEPT_RESULTS = 4
 
 
-def load(choice: state.CheckpointChoice):
+def load(choice: ui_settings.CheckpointChoice):
     """(captioner, None) or (None, the one-line reason), through the sidebar's per-process model cache."""
     try:
         path = choice.path()
     except CaptionScopeError as e:
         return None, str(e)
-    return state._load_captioner(str(path), state._mtime_ns(path))
+    return state._load_captioner(str(path), mtime_ns(path))
 
 
 def changed_rows(rows: Iterable[dict], metric: str) -> None:
@@ -35,7 +37,7 @@ def changed_rows(rows: Iterable[dict], metric: str) -> None:
     both captions with the differing words marked, the metric change, and the references on demand."""
     for row in rows:
         pic, text = st.columns([1, 6])
-        pic.image(widgets.square_thumbnail(row["path"], widgets.mtime_ns(row["path"]), 96), width=96)
+        pic.image(widgets.square_thumbnail(row["path"], mtime_ns(row["path"]), 96), width=96)
         left, right = marks.diff_pair(row["caption_a"], row["caption_b"])
         text.markdown(f"**{marks.escape(row['image'])}** · {metric} ×100: {100 * row['before']:.1f} → "
                       f"{100 * row['after']:.1f} (**{100 * row['delta']:+.1f}**)  \n"
@@ -46,8 +48,8 @@ def changed_rows(rows: Iterable[dict], metric: str) -> None:
 
 def one_image(a, b, item: ImageInput, decoding: DecodingConfig, alignment: tuple[bool, str]) -> None:
     try:
-        decoded_a, image = cache.caption(a, item, decoding)
-        decoded_b, image_b = cache.caption(b, item, decoding)
+        decoded_a, decoded_b = cache.caption(a, item, decoding), cache.caption(b, item, decoding)
+        image, image_b = decoded_a.image, decoded_b.image
     except CaptionScopeError as e:
         st.error(str(e))
         return
@@ -97,7 +99,7 @@ def split_section(a, b, items: Sequence[ImageCaptions], split: str, decoding: De
             bar = st.progress(0.0, text="Captioning with both checkpoints…")
             try:
                 store[request] = compare_checkpoints(
-                    a, b, items[:n], decoding, features_dir=state.features_dir(), split=split,
+                    a, b, items[:n], decoding, features_dir=ui_settings.features_dir(), split=split,
                     cache=cache.caption_cache(), with_meteor=java_available(),
                     progress=lambda d, t: bar.progress(min(d / max(t, 1), 1.0), text=f"Captioning… {d:,}/{t:,}"))
             except CaptionScopeError as e:

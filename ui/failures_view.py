@@ -49,10 +49,10 @@ def caption_with_unsupported(caption: str, words: Sequence[str]) -> str:
     return marks.unsupported(caption, words)
 
 
-def reference_matches(caption: str, references: Sequence[str]) -> None:
-    """Per reference, the caption with the words BLEU matched in it marked (longer n-grams in green)."""
+def reference_matches(caption: str, references: Sequence[str], start: int = 0) -> None:
+    """Per reference (numbered from start + 1), the caption with the words BLEU matched in it marked."""
     lines = []
-    for i, ref in enumerate(references):
+    for i, ref in enumerate(references, start):
         lines.append(f"{i + 1}. {marks.escape(ref)}  \n&emsp;↳ {marks.matches(failures.reference_matches(caption, ref))}")
     st.markdown("\n".join(lines))
     st.caption("Under each reference, the caption's words that BLEU counts as matched there: blue = a single "

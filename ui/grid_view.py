@@ -16,6 +16,7 @@ from core.errors import CaptionScopeError
 from core.grid import GridResult, build_grid, changed_images, evaluate_grid
 from core.metrics import METRIC_NAMES, java_available
 from ui import cache, compare_view, state, widgets
+from ui import settings as ui_settings
 
 WIDTH_OPTIONS = list(range(1, 11))
 ALPHA_OPTIONS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
@@ -37,7 +38,7 @@ def _run(captioner, items: Sequence[ImageCaptions], settings: list[DecodingConfi
     def update(done: int, total: int) -> None:
         bar.progress(min(done / max(total, 1), 1.0), text=f"Decoding the grid… {done:,}/{total:,} image decodes")
     try:
-        result = evaluate_grid(captioner, items, settings, AXES, features_dir=state.features_dir(), split=split,
+        result = evaluate_grid(captioner, items, settings, AXES, features_dir=ui_settings.features_dir(), split=split,
                                cache=cache.caption_cache(), progress=update, with_meteor=java_available())
     finally:
         bar.empty()
