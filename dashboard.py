@@ -18,6 +18,8 @@ PAGES = [
     st.Page(HERE / "pages" / "home.py", title="Home", icon=":material/home:", default=True),
     st.Page(HERE / "pages" / "caption.py", title="Caption", icon=":material/subtitles:"),
     st.Page(HERE / "pages" / "attention.py", title="Attention", icon=":material/visibility:"),
+    st.Page(HERE / "pages" / "faithfulness.py", title="Faithfulness", icon=":material/fact_check:"),
+    st.Page(HERE / "pages" / "presentation.py", title="Presentation", icon=":material/slideshow:"),
     st.Page(HERE / "pages" / "beams.py", title="Beam comparison", icon=":material/compare_arrows:"),
     st.Page(HERE / "pages" / "browser.py", title="Flickr8K browser", icon=":material/photo_library:"),
     st.Page(HERE / "pages" / "compare.py", title="Compare checkpoints", icon=":material/difference:"),

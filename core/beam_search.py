@@ -10,6 +10,12 @@ attention beside the fused kernel. Both follow the same rules, so they return th
   hypotheses and no live beam can still beat the worst of them. A live beam's summed log-prob can only
   fall, so its best possible final score is logprob / max(penalty(t + 2), penalty(max_length)).
 * Beams still live at max_length are returned as unfinished hypotheses competing on the same score.
+* Diverse beam search (num_beam_groups G > 1, Hugging Face's group beam search): the K beams form G groups
+  of K/G, each run by the rules above (its own K/G finished, one beam at t = 0), group after group within a
+  step; a group's candidates lose diversity_penalty per earlier group's new beam ending in the same word
+  (Hamming diversity), and scores carry that penalty. The n-best list is the best of all groups' hypotheses;
+  an image stops when no live beam of any group can beat its n-th best.
+* The per-step rules of repetition_penalty, min_length and bad_words are `core.logits_rules`'.
 """
 from __future__ import annotations
 
@@ -19,10 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from core.decoding_rules import (NEG_INF, DecodingConfig, Hypothesis, block_repeated_ngrams, check_features,
-                                 eval_mode, length_penalty_factor, log_probs)
+from core.decoding_rules import (NEG_INF, DecodingConfig, Hypothesis, check_features, eval_mode,
+                                 length_penalty_factor, log_probs)
+from core.logits_rules import LogitsRules, diversity_counts
 from core.model import DecoderState
-from core.text import END_ID, START_ID
+from core.text import END_ID, START_ID, Vocabulary
 
 
 @dataclass
@@ -111,24 +118,27 @@ class _Live:
                      self.hist.select(rows))
 
 
-def beam_search(model: nn.Module, features: Tensor, config: DecodingConfig) -> list[list[Hypothesis]]:
+def beam_search(model: nn.Module, features: Tensor, config: DecodingConfig,
+                vocab: Vocabulary | None = None) -> list[list[Hypothesis]]:
     """Beam search batched over images and beams: B*K decoder rows, one `model.step` per time step.
 
-    The rules are the module docstring's (and `reference_beam_search`'s). Each step makes one topk over the
-    K*V extensions of every image; images that stop leave the batch, so the rest run faster.
+    The rules are the module docstring's (and `reference_beam_search`'s). Each step makes one topk per beam
+    group over its K/G*V extensions of every image; images that stop leave the batch, so the rest run faster.
+    `vocab` (the checkpoint's Vocabulary) is needed only for bad_words.
     """
+    rules = LogitsRules.of(config, vocab)
     features = check_features(model, features)
     B, L, _ = features.shape
     if B == 0:
         return []
-    K, T = config.beam_size, config.max_length
+    K, T, G = config.beam_size, config.max_length, config.num_beam_groups
     with eval_mode(model):
-        live = _start(model, features, K, T)
-        finished = _Finished(features.new_full((B, K), NEG_INF),
-                             torch.zeros((B, K), dtype=torch.long, device=features.device),
-                             BeamHistories.zeros((B, K), T, L, features))
+        live = _start(model, features, K, G, T)
+        finished = _Finished(features.new_full((B * G, K // G), NEG_INF),      # row b*G + g: image b, group g
+                             torch.zeros((B * G, K // G), dtype=torch.long, device=features.device),
+                             BeamHistories.zeros((B * G, K // G), T, L, features))
         for t in range(T):
-            live = _step(model, live, finished, t, config)
+            live = _step(model, live, finished, t, config, rules)
             if t == T - 1:
                 return _collect(finished, live, config)
             live = _drop_stopped(live, finished, t, config)
@@ -137,73 +147,99 @@ def beam_search(model: nn.Module, features: Tensor, config: DecodingConfig) -> l
     return _collect(finished, None, config)
 
 
-def _start(model: nn.Module, features: Tensor, K: int, T: int) -> _Live:
+def _start(model: nn.Module, features: Tensor, K: int, G: int, T: int) -> _Live:
     B, L, _ = features.shape
     state = model.init_state(features)     # K rows per image share its features: no B*K*L*C copy
     state = state._replace(h=state.h.repeat_interleave(K, dim=0), c=state.c.repeat_interleave(K, dim=0))
     logp = features.new_full((B, K), NEG_INF)
-    logp[:, 0] = 0.0                       # one live beam at t = 0
+    logp[:, ::K // G] = 0.0                # one live beam per group at t = 0
     tokens = torch.full((B * K,), START_ID, dtype=torch.long, device=features.device)
     return _Live(torch.arange(B, device=features.device), logp, tokens, state,
                  BeamHistories.zeros((B * K,), T, L, features))
 
 
-def _step(model: nn.Module, live: _Live, finished: _Finished, t: int, config: DecodingConfig) -> _Live:
-    """One time step for every active image: rank the extensions, finish the <end> ones, advance the rest."""
+def _step(model: nn.Module, live: _Live, finished: _Finished, t: int, config: DecodingConfig,
+          rules: LogitsRules) -> _Live:
+    """One time step for every active image, group after group: rank the group's extensions, finish the
+    <end> ones, advance the rest. A group's scores lose diversity_penalty per earlier group's new beam that
+    picked the same word at this step (Hugging Face's group beam search; one group = plain beam search)."""
     A, K = live.logp.shape
-    V = model.config.vocab_size
+    G, V = config.num_beam_groups, model.config.vocab_size
     logits, alpha, beta, state = model.step(live.tokens, live.state)
-    logp = log_probs(logits)                                                     # (A*K, V)
-    allowed = block_repeated_ngrams(logp, live.hist.tokens[:, :t], config.no_repeat_ngram_size)
-    top_score, top_idx = (live.logp.reshape(-1, 1) + allowed).view(A, K * V).topk(min(2 * K, K * V), dim=1)
-    rows = top_idx // V + torch.arange(A, device=logp.device).unsqueeze(1) * K  # decoder row of the origin beam
+    history = live.hist.tokens[:, :t]
+    logp = log_probs(rules.reshape(logits, history))                             # (A*K, V)
+    scores = (live.logp.reshape(-1, 1) + rules.constrain(logp, history, t)).view(A, G, K // G, V)
+    beta = beta.squeeze(1)
+    kept: list[tuple[Tensor, ...]] = []     # per group: decoder rows, tokens, token log-probs, summed scores
+    for g in range(G):
+        group = scores[:, g]
+        if g:
+            tokens, sums = torch.cat([k[1] for k in kept], 1), torch.cat([k[3] for k in kept], 1)
+            counts = diversity_counts(tokens, torch.isfinite(sums), V)
+            group = group - config.diversity_penalty * counts.unsqueeze(1)
+        kept.append(_rank_group(group, g, logp, live, finished, t, config, alpha, beta))
+    rows, tokens, token_lp, sums = (torch.cat(parts, 1).reshape(-1) for parts in zip(*kept))
+    hist = live.hist.extend(rows, t, tokens, token_lp, alpha, beta)
+    # beams never leave their image and the K rows of an image share its features: only h, c are reordered
+    state = state._replace(h=state.h.index_select(0, rows), c=state.c.index_select(0, rows))
+    return _Live(live.images, sums.view(A, K), tokens, state, hist)
+
+
+def _rank_group(group: Tensor, g: int, logp: Tensor, live: _Live, finished: _Finished, t: int,
+                config: DecodingConfig, alpha: Tensor, beta: Tensor) -> tuple[Tensor, ...]:
+    """Group g's step: its (A, Kg, V) candidate scores -> finished <end>s, and its Kg next beams as
+    (decoder rows, tokens, token log-probs, summed scores), each (A, Kg)."""
+    A, Kg, V = group.shape
+    K = live.logp.shape[1]
+    top_score, top_idx = group.reshape(A, Kg * V).topk(min(2 * Kg, Kg * V), dim=1)
+    rows = top_idx // V + g * Kg + torch.arange(A, device=logp.device).unsqueeze(1) * K  # row of the origin beam
     top_tok = top_idx % V
     top_lp = logp[rows, top_tok]                                                 # the model's log-prob of it
     is_end = top_tok == END_ID
-    beta = beta.squeeze(1)
 
-    # 1) <end> among the top K ranks -> finished
-    new = is_end[:, :K] & torch.isfinite(top_score[:, :K])
+    # 1) <end> among the group's top Kg ranks -> finished
+    new = is_end[:, :Kg] & torch.isfinite(top_score[:, :Kg])
     if bool(new.any()):
-        score = torch.where(new, top_score[:, :K] / length_penalty_factor(t + 1, config.length_penalty),
-                            torch.full_like(top_score[:, :K], NEG_INF))
-        hist = live.hist.extend(rows[:, :K], t, top_tok[:, :K], top_lp[:, :K], alpha, beta)
-        finished.merge(live.images, score, torch.full_like(top_tok[:, :K], t + 1), hist)
+        score = torch.where(new, top_score[:, :Kg] / length_penalty_factor(t + 1, config.length_penalty),
+                            torch.full_like(top_score[:, :Kg], NEG_INF))
+        hist = live.hist.extend(rows[:, :Kg], t, top_tok[:, :Kg], top_lp[:, :Kg], alpha, beta)
+        finished.merge(live.images * config.num_beam_groups + g, score, torch.full_like(top_tok[:, :Kg], t + 1),
+                       hist)
 
-    # 2) the K best non-<end> candidates live on (at most K of the 2K are <end>: one per beam)
+    # 2) the Kg best non-<end> candidates live on (at most Kg of the 2Kg are <end>: one per beam)
     width = top_score.shape[1]
     rank = torch.arange(width, device=logp.device).expand_as(top_score)
-    key = torch.where(is_end, rank + width, rank).topk(K, dim=1, largest=False).values
-    keep = key % width                       # key >= width only for a vocabulary smaller than 2K+3
-    new_rows = rows.gather(1, keep).reshape(-1)
-    tokens = top_tok.gather(1, keep).reshape(-1)
-    hist = live.hist.extend(new_rows, t, tokens, top_lp.gather(1, keep).reshape(-1), alpha, beta)
-    # beams never leave their image and the K rows of an image share its features: only h, c are reordered
-    state = state._replace(h=state.h.index_select(0, new_rows), c=state.c.index_select(0, new_rows))
-    return _Live(live.images, top_score.gather(1, keep).masked_fill(key >= width, NEG_INF), tokens, state, hist)
+    key = torch.where(is_end, rank + width, rank).topk(Kg, dim=1, largest=False).values
+    keep = key % width                       # key >= width only for a vocabulary smaller than 2Kg+3
+    return (rows.gather(1, keep), top_tok.gather(1, keep), top_lp.gather(1, keep),
+            top_score.gather(1, keep).masked_fill(key >= width, NEG_INF))
 
 
 def _drop_stopped(live: _Live, finished: _Finished, t: int, config: DecodingConfig) -> _Live | None:
-    """Remove the images whose n-th best finished hypothesis no live beam can beat (None: all stopped)."""
-    lp, T = config.length_penalty, config.max_length
+    """Remove the images whose n-th best finished hypothesis (over all groups) no live beam can beat (None:
+    all stopped)."""
+    lp, T, K = config.length_penalty, config.max_length, config.beam_size
     bound = live.logp.max(dim=1).values / max(length_penalty_factor(t + 2, lp), length_penalty_factor(T, lp))
-    done = (bound <= finished.score[live.images, config.num_return_sequences - 1]) | torch.isneginf(bound)
+    nth_best = finished.score.view(-1, K)[live.images].topk(config.num_return_sequences, dim=1).values[:, -1]
+    done = (bound <= nth_best) | torch.isneginf(bound)
     if not bool(done.any()):
         return live
     keep = (~done).nonzero().squeeze(1)
-    return live.keep_images(keep, config.beam_size) if keep.numel() else None
+    return live.keep_images(keep, K) if keep.numel() else None
 
 
 def _collect(finished: _Finished, ran_out: _Live | None, config: DecodingConfig) -> list[list[Hypothesis]]:
     """Python objects, once, at the end: the n best of finished + (if max_length was hit) unfinished beams."""
-    B, K = finished.score.shape
-    scores, lengths = finished.score.cpu().numpy(), finished.length.cpu().numpy()
+    G, K = config.num_beam_groups, config.beam_size
+    Kg, B = K // G, finished.score.shape[0] // G
+    scores, lengths = finished.score.view(B, K).cpu().numpy(), finished.length.view(B, K).cpu().numpy()
     pool = finished.hist.numpy()
     candidates: list[list[Hypothesis]] = [[] for _ in range(B)]
     for b in range(B):
-        for k in range(K):
+        for k in range(K):            # group after group, each best first
             if np.isfinite(scores[b, k]):
-                candidates[b].append(pool.hypothesis((b, k), int(lengths[b, k]), True, float(scores[b, k])))
+                candidates[b].append(pool.hypothesis((b * G + k // Kg, k % Kg), int(lengths[b, k]), True,
+                                                     float(scores[b, k])))
     if ran_out is not None:
         T = config.max_length
         penalty = length_penalty_factor(T, config.length_penalty)
@@ -220,23 +256,21 @@ def _collect(finished: _Finished, ran_out: _Live | None, config: DecodingConfig)
 
 @dataclass
 class _Beam:
-    """One live hypothesis of the reference search: its histories and the decoder state after them."""
+    """One live hypothesis of the reference search: its histories, its summed score (log-probs minus any
+    diversity penalties) and the decoder state after them."""
     tokens: list[int]
     logprobs: list[float]
     alphas: list[np.ndarray]
     betas: list[float]
     state: DecoderState
-
-    @property
-    def logprob(self) -> float:
-        return float(sum(self.logprobs))
+    score: float = 0.0
 
     def as_hypothesis(self, finished: bool, length_penalty: float) -> Hypothesis:
         words = self.tokens[:-1] if finished else self.tokens
         return Hypothesis(token_ids=list(words), token_logprobs=list(self.logprobs),
                           attention=np.stack(self.alphas).astype(np.float32),
                           betas=np.asarray(self.betas, dtype=np.float32), finished=finished,
-                          score=self.logprob / length_penalty_factor(len(self.logprobs), length_penalty))
+                          score=self.score / length_penalty_factor(len(self.logprobs), length_penalty))
 
 
 def _repeats_ngram(tokens: list[int], word: int, n: int) -> bool:
@@ -247,53 +281,93 @@ def _repeats_ngram(tokens: list[int], word: int, n: int) -> bool:
     return any(tokens[i:i + n] == tail for i in range(len(tokens) - n + 1))
 
 
+def _penalised_logits(logits: Tensor, tokens: list[int], penalty: float) -> Tensor:
+    """The repetition penalty, one generated word at a time: positive logits / penalty, negative * penalty."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.clone()
+    for word in set(tokens):
+        logits[word] = logits[word] * penalty if logits[word] < 0 else logits[word] / penalty
+    return logits
+
+
 def reference_beam_search(model: nn.Module, features: Tensor, config: DecodingConfig, *,
-                          stop_early: bool = True) -> list[Hypothesis]:
+                          stop_early: bool = True, vocab: Vocabulary | None = None) -> list[Hypothesis]:
     """The n-best of ONE image's (L, C) features, by the rules of `beam_search`, one beam at a time.
 
     Slow and plain on purpose: it is what the batched search is tested against (`stop_early=False` runs
     every image to max_length, which checks that the stopping rule never changes the answer) and the
     baseline `bench/` measures the batched search against.
     """
-    K, T, lp = config.beam_size, config.max_length, config.length_penalty
+    K, T, lp, G = config.beam_size, config.max_length, config.length_penalty, config.num_beam_groups
+    rules = LogitsRules.of(config, vocab)
     features = check_features(model, features.unsqueeze(0))
     with eval_mode(model):
-        beams = [_Beam([], [], [], [], model.init_state(features))]
-        done: list[Hypothesis] = []
+        groups = [[_Beam([], [], [], [], model.init_state(features))] for _ in range(G)]
+        done: list[list[Hypothesis]] = [[] for _ in range(G)]     # per group, its K/G best finished
         for t in range(T):
-            candidates = []                  # (summed log-prob, beam, word, its log-prob, α, β, state)
-            for beam in beams:
-                last = beam.tokens[-1] if beam.tokens else START_ID
-                logits, alpha, beta, state = model.step(torch.tensor([last], device=features.device), beam.state)
-                logp = log_probs(logits)[0]
-                kept = 0                     # a beam's 2K best words hold all of its words that can rank in the top 2K
-                for word in logp.argsort(descending=True).tolist():
-                    word_lp = float(logp[word])
-                    if word_lp == NEG_INF or kept == 2 * K:
-                        break
-                    if not _repeats_ngram(beam.tokens, word, config.no_repeat_ngram_size):
-                        candidates.append((beam.logprob + word_lp, beam, word, word_lp, alpha[0], beta[0, 0], state))
-                        kept += 1
-            candidates.sort(key=lambda c: -c[0])
-            beams = []
-            for rank, (_, beam, word, word_lp, alpha, beta, state) in enumerate(candidates):
-                grown = _Beam(beam.tokens + [word], beam.logprobs + [word_lp],
-                              beam.alphas + [alpha.float().cpu().numpy()], beam.betas + [float(beta)], state)
-                if word == END_ID:
-                    if rank < K:
-                        done.append(grown.as_hypothesis(True, lp))
-                elif len(beams) < K:
-                    beams.append(grown)
-                if len(beams) == K and rank >= K - 1:
-                    break
-            done = sorted(done, key=lambda h: -h.score)[:K]
+            picked: list[int] = []           # this step's words of the earlier groups' new beams
+            for g in range(G):
+                groups[g], finished = _reference_group_step(model, groups[g], t, config, rules, picked)
+                done[g] = sorted(done[g] + finished, key=lambda h: -h.score)[:K // G]
+                picked += [beam.tokens[-1] for beam in groups[g]]
+            beams = [beam for group in groups for beam in group]
             if not beams:
                 break
-            best_possible = max(b.logprob for b in beams) / max(length_penalty_factor(t + 2, lp),
-                                                                length_penalty_factor(T, lp))
-            if stop_early and t < T - 1 and len(done) >= config.num_return_sequences \
-                    and best_possible <= done[config.num_return_sequences - 1].score:
+            best = sorted((h for group in done for h in group), key=lambda h: -h.score)
+            best_possible = max(b.score for b in beams) / max(length_penalty_factor(t + 2, lp),
+                                                              length_penalty_factor(T, lp))
+            if stop_early and t < T - 1 and len(best) >= config.num_return_sequences \
+                    and best_possible <= best[config.num_return_sequences - 1].score:
                 break
         else:
-            done += [b.as_hypothesis(False, lp) for b in beams]
-    return sorted(done, key=lambda h: -h.score)[:config.num_return_sequences]
+            done.append([b.as_hypothesis(False, lp) for b in beams])
+    return sorted((h for group in done for h in group), key=lambda h: -h.score)[:config.num_return_sequences]
+
+
+def _allowed(tokens: list[int], word: int, t: int, config: DecodingConfig, rules: LogitsRules,
+             logp: Tensor) -> bool:
+    """May a beam that emitted `tokens` emit `word` at step t? (n-gram block, bad words, min_length)."""
+    if word in rules.banned_ids or _repeats_ngram(tokens, word, config.no_repeat_ngram_size):
+        return False
+    if word == END_ID and t + 1 < config.min_length:  # held, unless it is the only word left
+        return not any(w != END_ID and float(logp[w]) != NEG_INF and _allowed(tokens, w, t, config, rules, logp)
+                       for w in range(len(logp)))
+    return True
+
+
+def _reference_group_step(model: nn.Module, beams: list[_Beam], t: int, config: DecodingConfig,
+                          rules: LogitsRules, picked: list[int]) -> tuple[list[_Beam], list[Hypothesis]]:
+    """One step of one beam group: its next beams and the hypotheses it finished. A candidate's score is the
+    beam's plus the word's log-prob, minus diversity_penalty for each time an earlier group picked it."""
+    Kg = config.beam_size // config.num_beam_groups
+    candidates = []                          # (summed score, beam, word, its log-prob, α, β, state)
+    for beam in beams:
+        last = beam.tokens[-1] if beam.tokens else START_ID
+        logits, alpha, beta, state = model.step(torch.tensor([last], device=beam.state.h.device), beam.state)
+        logp = log_probs(_penalised_logits(logits[0], beam.tokens, config.repetition_penalty)[None])[0]
+        ranked = logp                        # the word's log-prob, minus its diversity penalty
+        if picked:
+            times_picked = torch.bincount(torch.tensor(picked, device=logp.device), minlength=len(logp))
+            ranked = logp - config.diversity_penalty * times_picked.to(logp)
+        kept = 0                             # a beam's 2Kg best words hold all its words that can rank in the top 2Kg
+        for word in ranked.argsort(descending=True).tolist():
+            if float(ranked[word]) == NEG_INF or kept == 2 * Kg:
+                break
+            if _allowed(beam.tokens, word, t, config, rules, logp):
+                candidates.append((beam.score + float(ranked[word]), beam, word, float(logp[word]), alpha[0],
+                                   beta[0, 0], state))
+                kept += 1
+    candidates.sort(key=lambda c: -c[0])
+    next_beams, finished = [], []
+    for rank, (score, beam, word, word_lp, alpha, beta, state) in enumerate(candidates):
+        grown = _Beam(beam.tokens + [word], beam.logprobs + [word_lp], beam.alphas + [alpha.float().cpu().numpy()],
+                      beam.betas + [float(beta)], state, score)
+        if word == END_ID:
+            if rank < Kg:
+                finished.append(grown.as_hypothesis(True, config.length_penalty))
+        elif len(next_beams) < Kg:
+            next_beams.append(grown)
+        if len(next_beams) == Kg and rank >= Kg - 1:
+            break
+    return next_beams, finished

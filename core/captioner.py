@@ -22,6 +22,7 @@ from core.decoding import DecodingConfig, Hypothesis, generate
 from core.encoders import Encoder, build_trained_encoder
 from core.errors import CaptionScopeError, CheckpointError, ConfigError
 from core.io_utils import sha256_file
+from core.logits_rules import LogitsRules
 from core.images import ImageLimits, content_hash, load_image, read_source_bytes
 from core.model import ShowAttendTell
 from core.text import END, Vocabulary
@@ -149,8 +150,12 @@ class Captioner:
 
     # -- captions ----------------------------------------------------------------------------------
     def decode(self, features: torch.Tensor, decoding: DecodingConfig) -> list[list[Hypothesis]]:
-        """Decode a (B, L, C) batch of features."""
-        return generate(self.model, features.to(self.device).float(), decoding)
+        """Decode a (B, L, C) batch of features (bad_words resolved against this checkpoint's vocabulary)."""
+        return generate(self.model, features.to(self.device).float(), decoding, self.vocab)
+
+    def check_decoding(self, decoding: DecodingConfig) -> None:
+        """ConfigError naming what this checkpoint cannot honour (bad_words outside its vocabulary)."""
+        LogitsRules.of(decoding, self.vocab)
 
     def words(self, hyp: Hypothesis) -> list[str]:
         return self.vocab.decode_tokens(hyp.token_ids)
@@ -168,14 +173,41 @@ class Captioner:
                              encode_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, from_cache=cached)
 
     def caption_many(self, sources: Sequence[ImageSource], decoding: DecodingConfig, *,
-                     names: Sequence[str] | None = None,
-                     limits: ImageLimits = ImageLimits()) -> list[CaptionResult | CaptionFailure]:
-        """Caption each source; a bad one becomes a CaptionFailure and the others go on."""
-        results: list[CaptionResult | CaptionFailure] = []
-        for i, source in enumerate(sources):
-            name = names[i] if names else getattr(source, "name", None) or str(source)[:80]
-            try:
-                results.append(self.caption(source, decoding, name=name, limits=limits))
-            except CaptionScopeError as e:
-                results.append(CaptionFailure(str(name), str(e)))
-        return results
+                     names: Sequence[str] | None = None, limits: ImageLimits = ImageLimits(),
+                     decode_batch: int = 50) -> list[CaptionResult | CaptionFailure]:
+        """Caption each source; a bad one becomes a CaptionFailure and the others go on.
+
+        Files go through core.file_encoding (compiled encoder at its fastest batch, decoding overlapped)
+        and beam search runs batched over `decode_batch` images; encode_ms / decode_ms are per-image shares
+        of their batch. Sampling decodes image by image, so a seed gives the same draws as `caption`.
+        """
+        from core.file_encoding import encode_files
+
+        labels = [str(names[i]) if names else getattr(s, "name", None) or str(s)[:80] for i, s in enumerate(sources)]
+        results: list[CaptionResult | CaptionFailure | None] = [None] * len(sources)
+        pending: list[tuple[int, torch.Tensor, Image.Image, float]] = []
+
+        def flush() -> None:
+            t0 = time.perf_counter()
+            feats = torch.stack([p[1] for p in pending])
+            nbests = ([self.decode(f.unsqueeze(0), decoding)[0] for f in feats] if decoding.do_sample
+                      else self.decode(feats, decoding))
+            ms = (time.perf_counter() - t0) * 1e3 / len(pending)
+            for (i, _, image, enc_ms), nbest in zip(pending, nbests):
+                results[i] = CaptionResult(labels[i], nbest, [self.words(h) for h in nbest], image,
+                                           encode_ms=enc_ms, decode_ms=ms)
+            pending.clear()
+
+        t0 = time.perf_counter()
+        for batch in encode_files(self.encoder, sources, names=labels, device=self.device, with_images=True,
+                                  limits=limits):
+            enc_ms = (time.perf_counter() - t0) * 1e3 / max(len(batch.indices) + len(batch.failures), 1)
+            for i, error in batch.failures.items():
+                results[i] = CaptionFailure(labels[i], error)
+            pending += [(i, f, im, enc_ms) for i, f, im in zip(batch.indices, batch.features, batch.images)]
+            if len(pending) >= decode_batch:
+                flush()
+            t0 = time.perf_counter()
+        if pending:
+            flush()
+        return [r for r in results if r is not None]

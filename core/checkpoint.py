@@ -263,9 +263,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{path}: tensor {name!r} contains NaN or inf values")
 
-    model = ShowAttendTell(config)
+    with torch.device("meta"):      # no random init of weights that are replaced at once (~0.4 s)
+        model = ShowAttendTell(config)
     state = {k: t.to(torch.float32) for k, t in tensors.items() if not k.startswith(ENCODER_PREFIX)}
-    model.load_state_dict(state, strict=True)   # keys and shapes were checked above, so this cannot fail
+    # keys and shapes were checked above, so this cannot fail; assign: the loaded tensors become the weights
+    model.load_state_dict(state, strict=True, assign=True)
     model.to(device).eval()
     encoder_state = None
     if has_encoder:

@@ -3,6 +3,9 @@
 Every field becomes `--field-name` with the field's type and default. A boolean field takes an optional
 value: `--keep-dropout` alone means true, `--deep-output false` turns a default-true field off (yes/no,
 true/false, on/off and 1/0 are understood; anything else is an argparse error naming the flag).
+
+`add_decoding_knobs` gives `core.caption` and `core.evaluate` the same flags for the Hugging Face decoding
+knobs of `core.decoding.DecodingConfig`, named as in `generate` (`--top-p` for top_p, ...).
 """
 from __future__ import annotations
 
@@ -38,3 +41,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
             parser.add_argument(flag, type=type(default), default=default, required=f.name in required)
         added.append(f.name)
     return added
+
+
+def add_decoding_knobs(parser: argparse.ArgumentParser, *, sampling: bool = True) -> None:
+    """--top-p (when the CLI samples), --repetition-penalty, --min-length, --num-beam-groups,
+    --diversity-penalty and --bad-words; `decoding_knobs(args)` reads them back as DecodingConfig fields."""
+    knobs = parser.add_argument_group("decoding knobs (Hugging Face generate's names)")
+    if sampling:
+        knobs.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: 1 = off")
+    knobs.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="> 1 discourages words already generated (1 = off)")
+    knobs.add_argument("--min-length", type=int, default=0, help="no <end> before this many tokens (incl. <end>)")
+    knobs.add_argument("--num-beam-groups", type=int, default=1, help="diverse beam search: groups of beams")
+    knobs.add_argument("--diversity-penalty", type=float, default=0.0,
+                       help="diverse beam search: penalty for a word an earlier group picked at this step")
+    knobs.add_argument("--bad-words", nargs="+", default=[], metavar="WORD", help="words no caption may contain")
+
+
+def decoding_knobs(args: argparse.Namespace) -> dict:
+    """The knobs `add_decoding_knobs` added, as DecodingConfig keyword arguments."""
+    names = ("top_p", "repetition_penalty", "min_length", "num_beam_groups", "diversity_penalty", "bad_words")
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}

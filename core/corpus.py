@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,9 +29,9 @@ import torch
 
 from core.data import ImageCaptions
 from core.decoding import DecodingConfig, Hypothesis, generate
-from core.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError, ImageError
 from core.features import FeatureStore, model_features
-from core.images import load_image
+from core.file_encoding import encode_files
 from core.io_utils import atomic_write_json
 from core.metrics import METRIC_NAMES, Scores, score_captions
 from core.model import ShowAttendTell
@@ -212,8 +212,7 @@ def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingC
     if len(set(names)) != len(names):
         raise DataError(f"split {split!r}: image names are not unique")
     total = len(names)
-    run = _SplitRun(cache if cache is not None and _cacheable(decoding) else None, names, CaptionCache.make_key(
-        "captions", checkpoint=captioner.checkpoint_id, decoding=decoding.to_dict(), split=split, images=names))
+    run = _split_run(captioner, decoding, split, names, cache)
     hit = run.finished()
     if hit is not None:
         if progress:
@@ -227,10 +226,13 @@ def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingC
     since_save = 0
     if progress and done:
         progress(len(done), total)
-    for start in range(0, len(todo), batch_size):
+    batches = _feature_batches(captioner, todo, store, row, batch_size, sources)
+    while True:
         t0 = time.perf_counter()
-        chunk = todo[start:start + batch_size]
-        feats = _chunk_features(captioner, chunk, store, row, sources)
+        got = next(batches, None)
+        if got is None:
+            break
+        chunk, feats = got
         done.update(zip((it.image for it in chunk), best_entries(captioner.decode, captioner.vocab, feats, decoding)))
         elapsed += time.perf_counter() - t0
         since_save += len(chunk)
@@ -244,19 +246,45 @@ def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingC
     return result
 
 
-def _chunk_features(captioner, chunk: Sequence[ImageCaptions], store: FeatureStore | None, row: dict[str, int],
-                    sources: set[str]) -> torch.Tensor:
-    """(B, L, C) features of `chunk`: from the feature store where it has the image, else from the file."""
-    cached_rows = [i for i, it in enumerate(chunk) if it.image in row]
-    image_rows = [i for i, it in enumerate(chunk) if it.image not in row]
-    parts: dict[int, torch.Tensor] = {}
-    if cached_rows:
-        parts.update(zip(cached_rows, store.get(np.asarray([row[chunk[i].image] for i in cached_rows]))))
+def _feature_batches(captioner, todo: Sequence[ImageCaptions], store: FeatureStore | None, row: dict[str, int],
+                     batch_size: int, sources: set[str]) -> Iterator[tuple[list[ImageCaptions], torch.Tensor]]:
+    """(items, (n, L, C) features) in decode batches of `batch_size`: first the images the feature cache
+    holds, then the rest from their files through core.file_encoding's compiled, overlapped encoder."""
+    cached = [it for it in todo if it.image in row]
+    for start in range(0, len(cached), batch_size):
+        chunk = cached[start:start + batch_size]
         sources.add("features")
-    if image_rows:
-        parts.update(zip(image_rows, captioner.encode([load_image(chunk[i].path) for i in image_rows]).cpu()))
-        sources.add("images")
-    return torch.stack([parts[i] for i in range(len(chunk))])
+        yield chunk, store.get(np.asarray([row[it.image] for it in chunk]))
+    files = [it for it in todo if it.image not in row]
+    if not files:
+        return
+    sources.add("images")
+    chunk, parts = [], []
+    for batch in encode_files(captioner.encoder, [it.path for it in files], names=[it.image for it in files],
+                              device=captioner.device):
+        if batch.failures:
+            raise ImageError(next(iter(batch.failures.values())))
+        chunk += [files[i] for i in batch.indices]
+        parts.append(batch.features)
+        while len(chunk) >= batch_size:
+            feats = torch.cat(parts)
+            yield chunk[:batch_size], feats[:batch_size]
+            chunk, parts = chunk[batch_size:], [feats[batch_size:]]
+    if chunk:
+        yield chunk, torch.cat(parts)
+
+
+def split_is_cached(captioner, items: Sequence[ImageCaptions], decoding: DecodingConfig, split: str,
+                    cache: CaptionCache) -> bool:
+    """Whether caption_split would answer from `cache` without computing anything."""
+    names = [it.image for it in items]
+    return _cacheable(decoding) and _split_run(captioner, decoding, split, names, cache).finished() is not None
+
+
+def _split_run(captioner, decoding: DecodingConfig, split: str, names: list[str],
+               cache: CaptionCache | None) -> "_SplitRun":
+    return _SplitRun(cache if cache is not None and _cacheable(decoding) else None, names, CaptionCache.make_key(
+        "captions", checkpoint=captioner.checkpoint_id, decoding=decoding.to_dict(), split=split, images=names))
 
 
 @dataclass

@@ -8,8 +8,10 @@ was chosen. Conventions shared by every strategy:
   max_length - 1 words; a hypothesis still running at max_length is returned with `finished=False`.
 * <pad>, <start> and <unk> (`core.text.NEVER_GENERATED_IDS`) can never be generated: their logits are set
   to -inf before the softmax, so token log-probs are over the tokens a caption may contain.
-* `no_repeat_ngram_size` is a search constraint: a blocked token is excluded from the choice, but the
-  distribution is not renormalised, so reported log-probs stay the model's own.
+* `no_repeat_ngram_size`, `min_length` and `bad_words` are search constraints: a blocked token is excluded
+  from the choice, but the distribution is not renormalised, so reported log-probs stay the model's own.
+  `repetition_penalty` (like a sampling temperature) reshapes the distribution the log-probs are of; the
+  rules of these Hugging Face knobs live in `core.logits_rules`.
 * score = sum of token log-probs / ((5 + length) / 6) ** length_penalty (GNMT, Wu et al. 2016), where
   length counts the emitted tokens (incl. <end>); length_penalty = 0 ranks by the raw sum.
 
@@ -25,17 +27,18 @@ import torch
 from torch import Tensor, nn
 
 from core.beam_search import beam_search, reference_beam_search
-from core.decoding_rules import (NEG_INF, DecodingConfig, Hypothesis, block_repeated_ngrams, check_features,
-                                 eval_mode, length_penalty_factor, log_probs)
-from core.text import END_ID, START_ID
+from core.decoding_rules import (NEG_INF, DecodingConfig, Hypothesis, check_features, eval_mode,
+                                 length_penalty_factor, log_probs)
+from core.logits_rules import LogitsRules, nucleus
+from core.text import END_ID, START_ID, Vocabulary
 
 __all__ = ["NEG_INF", "DecodingConfig", "Hypothesis", "beam_search", "generate", "greedy",
-           "length_penalty_factor", "reference_beam_search", "sample"]
+           "length_penalty_factor", "reference_beam_search", "sample", "sampling_probs"]
 
 
 # -- greedy and sampling: one path per row -----------------------------------------------------------------
 
-def _decode_paths(model: nn.Module, features: Tensor, config: DecodingConfig,
+def _decode_paths(model: nn.Module, features: Tensor, config: DecodingConfig, rules: LogitsRules,
                   pick: Callable[[Tensor], Tensor], temperature: float) -> list[Hypothesis]:
     """Run every row until it emits <end> (or max_length); `pick` chooses the next token from (R, V) scores."""
     R = features.shape[0]
@@ -44,10 +47,10 @@ def _decode_paths(model: nn.Module, features: Tensor, config: DecodingConfig,
     history = tokens.new_zeros((R, 0))
     done = torch.zeros(R, dtype=torch.bool, device=features.device)
     logprobs, alphas, betas = [], [], []
-    for _ in range(config.max_length):
+    for t in range(config.max_length):
         logits, alpha, beta, state = model.step(tokens, state)
-        logp = log_probs(logits, temperature)
-        scores = block_repeated_ngrams(logp, history, config.no_repeat_ngram_size)
+        logp = log_probs(rules.reshape(logits, history), temperature)
+        scores = rules.constrain(logp, history, t)
         tokens = pick(scores)
         logprobs.append(logp.gather(1, tokens[:, None]).squeeze(1))
         alphas.append(alpha)
@@ -73,22 +76,37 @@ def _decode_paths(model: nn.Module, features: Tensor, config: DecodingConfig,
     return out
 
 
-def greedy(model: nn.Module, features: Tensor, config: DecodingConfig) -> list[list[Hypothesis]]:
-    """Argmax at every step: one hypothesis per image (honours no_repeat_ngram_size and max_length)."""
+def greedy(model: nn.Module, features: Tensor, config: DecodingConfig,
+           vocab: Vocabulary | None = None) -> list[list[Hypothesis]]:
+    """Argmax at every step: one hypothesis per image (honours the constraints, the repetition penalty and
+    max_length). `vocab` (the checkpoint's Vocabulary) is needed only for bad_words."""
+    rules = LogitsRules.of(config, vocab)
     features = check_features(model, features)
     if features.shape[0] == 0:
         return []
     with eval_mode(model):
-        hyps = _decode_paths(model, features, config, lambda s: s.argmax(dim=1), 1.0)
+        hyps = _decode_paths(model, features, config, rules, lambda s: s.argmax(dim=1), 1.0)
     return [[h] for h in hyps]
 
 
-def sample(model: nn.Module, features: Tensor, config: DecodingConfig) -> list[list[Hypothesis]]:
-    """Ancestral sampling from softmax(logits / temperature), optionally restricted to the top_k tokens.
+def sampling_probs(scores: Tensor, config: DecodingConfig) -> Tensor:
+    """The distribution a sample is drawn from: softmax of the (tempered, constrained) log-probs (R, V) after
+    top_k, then top_p (Hugging Face's order)."""
+    if 0 < config.top_k < scores.shape[1]:
+        kth = scores.topk(config.top_k, dim=1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, NEG_INF)
+    return nucleus(scores, config.top_p).softmax(dim=1)
+
+
+def sample(model: nn.Module, features: Tensor, config: DecodingConfig,
+           vocab: Vocabulary | None = None) -> list[list[Hypothesis]]:
+    """Ancestral sampling from softmax(logits / temperature), optionally restricted to the top_k tokens and
+    then to the top_p nucleus (Hugging Face's order: temperature, top-k, top-p).
 
     `num_return_sequences` independent samples per image, sorted by score. A seeded torch.Generator makes
     the result reproducible for a given seed (on the same device and torch version).
     """
+    rules = LogitsRules.of(config, vocab)
     features = check_features(model, features)
     B, n = features.shape[0], config.num_return_sequences
     if B == 0:
@@ -100,22 +118,20 @@ def sample(model: nn.Module, features: Tensor, config: DecodingConfig) -> list[l
         generator.manual_seed(config.seed)
 
     def pick(scores: Tensor) -> Tensor:
-        if 0 < config.top_k < scores.shape[1]:
-            kth = scores.topk(config.top_k, dim=1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, NEG_INF)
-        probs = scores.softmax(dim=1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return torch.multinomial(sampling_probs(scores, config), 1, generator=generator).squeeze(1)
 
     with eval_mode(model):
         rows = features.repeat_interleave(n, dim=0)
-        hyps = _decode_paths(model, rows, config, pick, config.temperature)
+        hyps = _decode_paths(model, rows, config, rules, pick, config.temperature)
     return [sorted(hyps[i * n:(i + 1) * n], key=lambda h: -h.score) for i in range(B)]
 
 
-def generate(model: nn.Module, features: Tensor, config: DecodingConfig) -> list[list[Hypothesis]]:
+def generate(model: nn.Module, features: Tensor, config: DecodingConfig,
+             vocab: Vocabulary | None = None) -> list[list[Hypothesis]]:
     """Caption a batch of encoded images (B, L, C): per image, num_return_sequences hypotheses, best first.
 
-    Dispatch on `config.mode`: "sample" -> `sample`, "greedy" -> `greedy`, "beam" -> `beam_search`.
+    Dispatch on `config.mode`: "sample" -> `sample`, "greedy" -> `greedy`, "beam" -> `beam_search` (diverse
+    when num_beam_groups > 1). `vocab` (the checkpoint's core.text.Vocabulary) resolves bad_words.
     """
     strategy = {"sample": sample, "greedy": greedy, "beam": beam_search}[config.mode]
-    return strategy(model, features, config)
+    return strategy(model, features, config, vocab)

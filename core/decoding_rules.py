@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from core.errors import ConfigError
-from core.text import NEVER_GENERATED_IDS
+from core.text import NEVER_GENERATED_IDS, tokenize
 
 NEG_INF = float("-inf")
 NEVER_GENERATED = list(NEVER_GENERATED_IDS)     # index form, built once
@@ -30,6 +30,7 @@ class DecodingConfig:
     ignored); otherwise beam_size == 1 is greedy search and beam_size > 1 beam search, returning the
     `num_return_sequences` best hypotheses (at most beam_size). Frozen and hashable by value, so caches
     key on the object itself; `dataclasses.replace` gives a changed (and again validated) copy.
+    num_beam_groups > 1 is Hugging Face's diverse (group) beam search with Hamming diversity.
     """
     beam_size: int = 3
     max_length: int = 20               # generated tokens incl. <end>
@@ -40,6 +41,13 @@ class DecodingConfig:
     top_k: int = 0                     # sampling only; 0 = the whole vocabulary
     num_return_sequences: int = 1
     seed: int | None = None            # sampling only; None = a fresh random seed
+    # Hugging Face `generate`'s knobs (rules in core.logits_rules); at these defaults they change nothing
+    top_p: float = 1.0                 # sampling only: the smallest top set with probability >= top_p
+    repetition_penalty: float = 1.0    # > 1: logits of already generated words shrink (positive / p, negative * p)
+    min_length: int = 0                # no <end> before this many generated tokens (incl. <end>, like max_length)
+    num_beam_groups: int = 1           # diverse beam search: beam_size / num_beam_groups beams per group
+    diversity_penalty: float = 0.0     # per earlier group that picked a word at this step, its log-prob - this
+    bad_words: tuple[str, ...] = ()    # words no caption may contain (lower-cased, sorted, one token each)
 
     def __post_init__(self) -> None:
         def need_int(name: str, minimum: int) -> None:
@@ -54,7 +62,9 @@ class DecodingConfig:
         need_int("no_repeat_ngram_size", 0)
         need_int("top_k", 0)
         need_int("num_return_sequences", 1)
-        for name in ("length_penalty", "temperature"):
+        need_int("min_length", 0)
+        need_int("num_beam_groups", 1)
+        for name in ("length_penalty", "temperature", "top_p", "repetition_penalty", "diversity_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"decoding: {name} must be a finite number, got {value!r}")
@@ -68,6 +78,33 @@ class DecodingConfig:
         if not self.do_sample and self.num_return_sequences > self.beam_size:
             raise ConfigError(f"decoding: num_return_sequences ({self.num_return_sequences}) cannot exceed "
                               f"beam_size ({self.beam_size}) without sampling; raise beam_size or set do_sample")
+        self._check_knobs()
+
+    def _check_knobs(self) -> None:
+        """The Hugging Face knobs: ranges, and the combinations that contradict each other."""
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"decoding: top_p must be in (0, 1], got {self.top_p} (1 = off)")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"decoding: repetition_penalty must be > 0, got {self.repetition_penalty} (1 = off)")
+        if self.min_length > self.max_length:
+            raise ConfigError(f"decoding: min_length ({self.min_length}) cannot exceed max_length "
+                              f"({self.max_length})")
+        if self.diversity_penalty < 0:
+            raise ConfigError(f"decoding: diversity_penalty must be >= 0, got {self.diversity_penalty}")
+        groups = self.num_beam_groups
+        if groups > 1 and self.do_sample:
+            raise ConfigError(f"decoding: num_beam_groups ({groups}) is diverse beam search and cannot be used "
+                              "with do_sample; set num_beam_groups=1 or do_sample=False")
+        if self.beam_size % groups:
+            raise ConfigError(f"decoding: num_beam_groups ({groups}) must divide beam_size ({self.beam_size}) "
+                              "into groups of equal size")
+        if self.diversity_penalty > 0 and groups == 1:
+            raise ConfigError(f"decoding: diversity_penalty ({self.diversity_penalty:g}) needs num_beam_groups "
+                              "> 1 (it only separates beam groups)")
+        if groups > 1 and self.diversity_penalty == 0:
+            raise ConfigError(f"decoding: num_beam_groups ({groups}) needs a diversity_penalty > 0, otherwise "
+                              "every group finds the same beams")
+        object.__setattr__(self, "bad_words", _normalise_bad_words(self.bad_words))
 
     @property
     def mode(self) -> str:
@@ -79,7 +116,20 @@ class DecodingConfig:
         if self.mode == "sample":
             return (f"sampling {self.num_return_sequences} (T={self.temperature:g}, top-k={self.top_k}, "
                     f"seed {self.seed})")
-        return "greedy search" if self.mode == "greedy" else f"beam search, width {self.beam_size}"
+        if self.mode == "greedy":
+            return "greedy search"
+        if self.num_beam_groups > 1:
+            return (f"diverse beam search, width {self.beam_size} in {self.num_beam_groups} groups "
+                    f"(diversity penalty {self.diversity_penalty:g})")
+        return f"beam search, width {self.beam_size}"
+
+    def describe_knobs(self) -> list[str]:
+        """The Hugging Face knobs that are on, in words ("repetition penalty 1.2", "bad words: dog, ball")."""
+        knobs = [f"top-p {self.top_p:g}" if self.do_sample and self.top_p < 1 else "",
+                 f"repetition penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1 else "",
+                 f"min length {self.min_length}" if self.min_length > 1 else "",
+                 f"bad words: {', '.join(self.bad_words)}" if self.bad_words else ""]
+        return [k for k in knobs if k]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +142,22 @@ class DecodingConfig:
         if unknown:
             raise ConfigError(f"unknown decoding config keys: {sorted(unknown)}")
         return cls(**data)
+
+
+def _normalise_bad_words(words) -> tuple[str, ...]:
+    """bad_words as one lower-cased vocabulary token each, sorted and without repeats (so equal sets of words
+    make equal, equally hashed configs); a str is one word."""
+    if isinstance(words, str):
+        words = (words,)
+    if not isinstance(words, (tuple, list, set, frozenset)) or not all(isinstance(w, str) for w in words):
+        raise ConfigError(f"decoding: bad_words must be a list of words, got {words!r}")
+    normalised = set()
+    for word in words:
+        tokens = tokenize(word)
+        if len(tokens) != 1:
+            raise ConfigError(f"decoding: bad_words must be single words, got {word!r}")
+        normalised.add(tokens[0])
+    return tuple(sorted(normalised))
 
 
 def length_penalty_factor(length: int, length_penalty: float) -> float:

@@ -298,15 +298,18 @@ def _load_state_dict_file(path: Path) -> dict[str, Tensor]:
 def _build_lite2(spec: EncoderSpec, weights: str | Path) -> Encoder:
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite2", pretrained=False)
     sha, path = None, None
-    if str(weights) != "none":
+    if str(weights) == "none":
+        model = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    else:
+        with torch.device("meta"):    # skip the random init of weights loaded right after (~0.6 s)
+            model = timm.create_model("tf_efficientnet_lite2", pretrained=False)
         path = lite2_package_weights() if str(weights) == "imagenet" else Path(weights)
         state = _load_state_dict_file(path)
         if any(k.startswith("_blocks.") for k in state):
             state = map_lite2_state_dict(state, model)
         try:
-            model.load_state_dict(state, strict=True)
+            model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
             raise ConfigError(f"{path} does not fit tf_efficientnet_lite2: {str(e).splitlines()[0]}") from None
         sha = sha256_file(path)

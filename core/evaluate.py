@@ -30,6 +30,7 @@ import numpy as np
 from core.corpus import caption_split, score_split
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
+from core.cli import add_decoding_knobs, decoding_knobs
 from core.errors import ConfigError, cli_main
 from core.grid import setting_id
 from core.io_utils import atomic_write_json, atomic_write_text
@@ -125,15 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--card", action="store_true",
                         help="also write NAME.eval.json next to the checkpoint (the model card's table), with a "
                              "50-image subset scored from the image files for the regression test")
+    add_decoding_knobs(parser, sampling=False)
     args = parser.parse_args(argv)
     axes = _grid_axes(args)
-    settings = build_grid(DecodingConfig(max_length=args.max_length), axes)   # bad grids fail before loading
+    settings = build_grid(DecodingConfig(max_length=args.max_length, **decoding_knobs(args)), axes)   # bad grids fail before loading
     varying = [a for a, values in axes.items() if len(dict.fromkeys(values)) > 1]
     if args.card and set(varying) - {"beam_size"}:
         raise ConfigError("--card records beam widths only: give one --length-penalty and one --no-repeat-ngram")
     _init_distributed()
     captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
                                           encoder_weights=args.encoder_weights)
+    for decoding in settings:
+        captioner.check_decoding(decoding)     # bad words this vocabulary lacks: one error before any work
     items = load_dataset(args.data).split(args.split)
     items = items[: args.limit] if args.limit else items
     if len(settings) == 1:

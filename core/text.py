@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import unicodedata
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Sequence
-
-from nltk.tokenize import RegexpTokenizer
 
 from core.errors import DataError
 from core.io_utils import atomic_write_json
@@ -35,15 +34,23 @@ VOCAB_FORMAT_VERSION = 1
 
 # Words are runs of letters/digits (any script), optionally with apostrophe parts ("dog's").
 # `[^\W_]` is "a word character but not underscore", so "x_y" -> "x", "y" and no token is punctuation.
-_TOKENIZER = RegexpTokenizer(r"[^\W_]+(?:'[^\W_]+)*")
+_WORD_PATTERN = r"[^\W_]+(?:'[^\W_]+)*"
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    """nltk's RegexpTokenizer, imported on first use: importing nltk takes ~0.3-2 s, which a dashboard that
+    only decodes (vocabulary from the checkpoint) never needs to pay at start-up."""
+    from nltk.tokenize import RegexpTokenizer
+    return RegexpTokenizer(_WORD_PATTERN)
 
 
 def tokenize(caption: str) -> list[str]:
     """Lower-cased word tokens of `caption`, punctuation dropped; never raises on any str ("" -> [])."""
     # NFKC before and after lower(): each can undo the other's normal form ("𝓐" -> "A"; "İ" -> "i̇").
     text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", caption).lower()).translate(_APOSTROPHES)
-    return _TOKENIZER.tokenize(text)
+    return _tokenizer().tokenize(text)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import streamlit as st
 from core import analysis
 from core.errors import CaptionScopeError
 from core.images import fit_for_display
-from ui import cache, sidebar, state, widgets
+from ui import cache, evidence, links, sidebar, state, widgets
 
 COLORMAPS = ["jet", "viridis", "magma", "inferno", "plasma", "turbo", "gray"]
 
@@ -37,6 +37,7 @@ if not decoded.hypotheses:
 options = list(range(len(decoded.hypotheses)))
 hyp_key = f"att_hyp_{item.key[:16]}"
 widgets.init_state(hyp_key, 0, options)
+links.apply_index("hyp", hyp_key, len(options))
 h = choose.selectbox("Hypothesis", options, key=hyp_key, disabled=len(options) == 1,
                  format_func=lambda i: f"#{i + 1}  {' '.join(decoded.words[i]) or '(empty)'}  "
                                        f"(log-prob {decoded.hypotheses[i].logprob:.2f})")
@@ -48,7 +49,11 @@ key = cache.CaptionKey.of(captioner, item, decoding)
 image = decoded.image
 sig = hashlib.sha1(f"{item.key}|{h}|{' '.join(tokens)}".encode()).hexdigest()[:12]
 pill_key, slider_key = f"att_word_pill_{sig}", f"att_word_slider_{sig}"
+requested = st.session_state.pop("att_requested_word", None)     # from the Faithfulness page's word links
+if isinstance(requested, int) and 0 <= requested < steps:
+    st.session_state[pill_key] = st.session_state[slider_key] = requested
 widgets.init_state(pill_key, 0, range(steps))
+links.apply_index("word", pill_key, steps)
 widgets.init_state(slider_key, st.session_state[pill_key], range(steps))
 
 
@@ -76,6 +81,7 @@ with side:
         st.slider("Step", 0, steps - 1, key=slider_key, on_change=_from_slider, format="%d",
                   help="Same as clicking the words: step through the caption.")
     t = int(st.session_state[pill_key])
+    links.share({"hyp": h + 1, "word": t + 1}, where=choose)
     widgets.init_state(f"{state.PERSIST}att_opacity", 0.5)
     widgets.init_state(f"{state.PERSIST}att_cmap", COLORMAPS[0], COLORMAPS)
     widgets.init_state(f"{state.PERSIST}att_smooth", True)
@@ -135,6 +141,10 @@ with c2:
     st.altair_chart(selected + line, width="stretch")
     st.caption("β gate: the share of the attended context passed to the decoder at each word.")
 
+faith = {"sig": sig, "item": item.key, "decoding": decoding.to_dict(), "h": h}
+features = cache.features(captioner, item)
+look = {"opacity": opacity, "cmap": cmap, "smooth": smooth}
+
 # -- occlusion ---------------------------------------------------------------------------------------------------
 st.subheader("Occlusion check")
 st.markdown(f"Attention shows where the model looked, not what it used. Grey out a region, re-encode the "
@@ -170,3 +180,14 @@ else:
         st.markdown(f"**Caption before:** {result.caption_before}  \n**Caption after:** {result.caption_after}")
         if result.caption_before == result.caption_after:
             st.caption("Same caption after occlusion.")
+        evidence.render_random_baseline(captioner, image, hyp, faith, t, result.region, result.drop)
+
+# -- faithfulness, scoring, prefix forcing, the beam search ------------------------------------------------------
+st.subheader("Is this attention faithful?")
+evidence.render_faithfulness(captioner, image, features, hyp, faith, t, **look)
+st.subheader("Score a caption")
+evidence.render_score(captioner, image, features, hyp, decoded.words[h], faith, **look)
+st.subheader("Force a prefix")
+evidence.render_prefix(captioner, image, features, decoding, faith, **look)
+st.subheader("Beam search, step by step")
+evidence.render_beam(captioner, image, features, decoding, faith, **look)

@@ -7,7 +7,7 @@ import streamlit as st
 
 from core.errors import CaptionScopeError
 from core.images import fit_for_display
-from ui import cache, grid_view, sidebar, state, widgets
+from ui import cache, grid_view, links, sidebar, state, widgets
 
 WIDTHS = list(range(1, 11))
 
@@ -25,13 +25,17 @@ lp = c2.slider("Length penalty α", 0.0, 2.0, float(sidebar_decoding.length_pena
                key=f"beam_lp_{sidebar_decoding.length_penalty}")
 ngram = c3.number_input("No-repeat n-gram", 0, 4, int(sidebar_decoding.no_repeat_ngram_size), 1,
                         key=f"beam_ngram_{sidebar_decoding.no_repeat_ngram_size}")
+# plain beam search at every width (beam groups must divide the width, so diverse search is not swept)
 base = dataclasses.replace(sidebar_decoding, length_penalty=float(lp), no_repeat_ngram_size=int(ngram),
-                           do_sample=False, num_return_sequences=1)
+                           do_sample=False, num_return_sequences=1, num_beam_groups=1, diversity_penalty=0.0)
 if sidebar_decoding.mode == "sample":
     st.caption("The sidebar is set to sampling; this page always uses beam search.")
+elif sidebar_decoding.num_beam_groups > 1:
+    st.caption("The sidebar is set to diverse beam search; this page compares plain beam search widths.")
 
 st.subheader("One image")
 item = widgets.single_image_picker("beam")
+links.share()
 if item is not None and widths:
     try:
         image = cache.display_image(captioner, item)

@@ -10,7 +10,7 @@ from core.errors import CaptionScopeError
 from core.images import fit_for_display
 from core.io_utils import printable_name
 from core.metrics import METRIC_NAMES
-from ui import cache, failures_view, sidebar, state, widgets
+from ui import cache, failures_view, links, sidebar, state, widgets
 from ui.cache import ImageInput
 
 SORTS = {
@@ -89,7 +89,7 @@ table_key = f"browse_table_{page}_{page_size}_{sort}_{where}_{query}_{unsupporte
 # and the full references are in the details below (double-clicking a cell also shows all of it)
 selection = st.dataframe(
     rows[["thumbnail", "caption", "unsupported", *corpus.TABLE_METRICS, "length", "references_text"]],
-    hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key=table_key,
+    hide_index=True, width="stretch", on_select="rerun", selection_mode="multi-row", key=table_key,
     row_height=64, column_config={
         "thumbnail": st.column_config.ImageColumn("", width=64),
         "caption": st.column_config.TextColumn("Caption", width=220),
@@ -102,14 +102,23 @@ selection = st.dataframe(
 selected_rows = selection.selection.rows if selection is not None and hasattr(selection, "selection") else []
 names = rows["image"].tolist()
 detail_key = f"browse_detail_{table_key}"
+picked_names = [names[i] for i in selected_rows if i < len(names)]
 if selected_rows:
-    st.session_state[detail_key] = names[selected_rows[0]]
+    st.session_state[detail_key] = names[selected_rows[-1]]
+linked = widgets.linked_image()                        # ?image=NAME of a dev image: its details
+if linked and linked[0] == "flickr8k" and linked[1] in set(table["image"]):
+    names = names if linked[1] in names else [linked[1], *names]
+    st.session_state[detail_key] = linked[1]
 widgets.init_state(detail_key, names[0], names)
+c1, c2, _ = st.columns([2, 1, 3], vertical_alignment="center")
+c1.caption(f"{len(picked_names)} row(s) selected for the report" if picked_names else
+           "Select rows (tick boxes on the left) to put them in an HTML report.")
 
 # -- one image -----------------------------------------------------------------------------------------------------
 st.subheader("Details")
 name = st.selectbox("Image (or select a row above)", names, key=detail_key, format_func=printable_name)
-entry = rows[rows["image"] == name].iloc[0]
+entry = table[table["image"] == name].iloc[0]
+links.set_image("flickr8k", name)
 try:
     item = ImageInput.from_path(entry["path"], "flickr8k")
     decoded = cache.caption(captioner, item, decoding)
@@ -144,3 +153,23 @@ if decoded.caption != predictions[name]["caption"]:
 grid_png = cache.attention_grid_png(cache.CaptionKey.of(captioner, item, decoding), 0, cache.HeatmapStyle(),
                                     decoded, captioner.grid)
 st.image(grid_png, width="stretch")
+
+
+def _report_entries() -> list:
+    entries = []
+    for picked in picked_names:
+        row = table[table["image"] == picked].iloc[0]
+        try:
+            picked_item = ImageInput.from_path(row["path"], "flickr8k")
+            picked_result = cache.caption(captioner, picked_item, decoding)
+        except CaptionScopeError:
+            continue
+        entries.append(widgets.report_entry(picked_item, picked_result,
+                                            references=row["references"], scores=scores.per_image.get(picked)))
+    return entries
+
+
+with c2:
+    widgets.report_button(captioner, decoding, _report_entries() if picked_names else [],
+                          label=f"Report of {len(picked_names)} (HTML)")
+links.share()

@@ -36,6 +36,23 @@ else:
                                           f"beam {beam}" if beam else "",
                                           "details on the Model card page"] if x))
 
+showcase = widgets.current_showcase()
+dataset, _ = state.get_dataset() if showcase is not None else (None, None)
+if showcase is not None and dataset is not None:
+    st.subheader("Flickr8K dev: best captioned, and where it fails")
+    st.caption("Photos from the model's own world (Flickr8K's dev split, never trained on), ranked by CIDEr-D "
+               "of the bundled checkpoint's captions.")
+    for title, names in (("Best captioned", showcase.best[:4]), ("Where it fails", showcase.fails[:4])):
+        st.markdown(f"**{title}**")
+        for col, name in zip(st.columns(4), names):
+            with col:
+                path = dataset.images_dir / name
+                st.image(widgets.square_thumbnail(str(path), widgets.mtime_ns(path)), width="stretch")
+                if st.button(f"CIDEr-D {showcase.scores[name] * 100:.0f} · open", key=f"home_show_{name}",
+                             width="stretch", help=name):
+                    widgets.request_flickr_image("att", name)
+                    st.switch_page("pages/attention.py")
+
 st.subheader("Try an example")
 examples = settings.example_images()
 if not examples:
@@ -48,7 +65,11 @@ else:
             if st.button(f"Caption “{name}”", key=f"home_example_{name}", width="stretch"):
                 st.session_state["requested_example"] = name
                 st.switch_page("pages/caption.py")
-    st.caption("Public-domain / CC0 photos from scikit-image's sample data (assets/examples/README.md).")
+    st.caption("Public-domain / CC0 photos from scikit-image's sample data (assets/examples/README.md). They lie "
+               "**outside the training domain** (Flickr8K: people, dogs, water, snow, bikes), so expect "
+               "Flickr8K-style captions that miss: the attention maps are still the model's."
+               + ("" if showcase is not None else " Set a Flickr8K folder in the sidebar for in-domain "
+                                                   "showcase images."))
 
 st.subheader("Pages")
 st.markdown(

@@ -46,7 +46,8 @@ SCREENSHOTS = os.environ.get("CAPTIONSCOPE_SCREENSHOTS", "").strip()
 SCREENSHOT_MODE = bool(SCREENSHOTS and os.environ.get("FLICKR8K_DIR"))
 PAGE_TIMEOUT_S = 900 if SCREENSHOT_MODE else 120     # the real dev split is captioned on the first visit
 PHOTO = REPO / "assets" / "examples" / "coffee.jpg"
-PAGES = ["Home", "Caption", "Attention", "Beam comparison", "Flickr8K browser", "Compare checkpoints",
+PAGES = ["Home", "Caption", "Attention", "Faithfulness", "Presentation", "Beam comparison", "Flickr8K browser",
+         "Compare checkpoints",
          "Model card"]
 # what only the finished page shows (the Flickr8K browser captions the whole split before drawing its table)
 READY = {"Beam comparison": '[data-testid="stMain"] [data-testid="stTable"]',
@@ -166,8 +167,8 @@ def test_every_page_in_a_real_browser(server, browser, expected, photo, screensh
         assert overlay.first.locator("img").evaluate("img => img.complete && img.naturalWidth > 100")
         problems += check_page(page, "Attention", screenshot_dir)
 
-        for title in PAGES[3:]:
-            goto_page(page, title, PAGE_TIMEOUT_S, ready=READY[title])
+        for title in [t for t in PAGES[3:] if t != "Presentation"]:   # its projector mode hides the sidebar;
+            goto_page(page, title, PAGE_TIMEOUT_S, ready=READY.get(title))
             problems += check_page(page, title, screenshot_dir)
         goto_page(page, "Home", PAGE_TIMEOUT_S, ready=READY["Home"])        # back home: the sidebar still works after every page
         assert not error_boxes(page)
@@ -213,6 +214,49 @@ def test_deep_link_as_first_request_of_a_fresh_server(expected, tiny_flickr, tmp
             assert page.url.rstrip("/").endswith("/beams") and not error_boxes(page)
         finally:
             page.context.close()
+
+
+def test_faithfulness_controls_in_a_real_browser(server, browser):
+    """The Attention page's new controls (faithfulness check, score a caption, force a prefix, beam nodes)
+    and the Faithfulness page's run, clicked and typed into as a user would."""
+    page = new_page(browser, f"{server.url}/attention", timeout_ms=PAGE_TIMEOUT_S * 1000)
+    main = page.locator('[data-testid="stMain"]')
+    try:
+        main.locator('[data-testid="stImage"] img').first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+        wait_idle(page, PAGE_TIMEOUT_S)
+        main.get_by_role("button", name="Run faithfulness check").click()
+        main.get_by_text("Attention ranks the regions that matter", exact=False).first.wait_for(
+            timeout=PAGE_TIMEOUT_S * 1000)
+        wait_idle(page, PAGE_TIMEOUT_S)
+        assert main.get_by_text("Spearman ρ", exact=False).count() == 3
+        box = main.get_by_role("textbox", name="Caption to score", exact=True)
+        box.fill("<b>a</b> zzqx dog 🐶 runs")
+        box.press("Enter")
+        main.get_by_text("Not in the model's vocabulary (scored as <unk>): zzqx").first.wait_for(
+            timeout=PAGE_TIMEOUT_S * 1000)
+        prefix = main.get_by_role("textbox", name="First words", exact=True)
+        prefix.fill("a man")
+        prefix.press("Enter")
+        main.locator("strong", has_text="a man").first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+        wait_idle(page, PAGE_TIMEOUT_S)
+        assert main.get_by_text("Attention for “", exact=False).count() == 1       # the beam view's first node
+        assert not error_boxes(page) and horizontal_overflow(page)["document"] <= 0
+
+        goto_page(page, "Faithfulness", PAGE_TIMEOUT_S)
+        images = main.get_by_role("spinbutton", name="dev images (first n)", exact=True)
+        images.fill("1")
+        images.press("Enter")
+        wait_idle(page, PAGE_TIMEOUT_S)
+        main.get_by_role("button", name="Run over the split").click()
+        main.get_by_text("Where attention is least faithful").first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+        wait_idle(page, PAGE_TIMEOUT_S)
+        assert not error_boxes(page)
+        main.get_by_role("button", name="Open").first.click()
+        main.locator("h1", has_text="Attention").first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+        wait_idle(page, PAGE_TIMEOUT_S)
+        assert not error_boxes(page)
+    finally:
+        page.context.close()
 
 
 def sidebar_selectbox(page, label: str):

@@ -111,3 +111,35 @@ def test_exif_rotated_image_is_encoded_and_shown_upright(corpus, tiny_checkpoint
     with Image.open(corpus["exif_orientation_6"][0]) as raw:
         sideways = captioner.encode([raw.convert("RGB")])[0]
     assert not torch.equal(feats, sideways)                        # the check can tell the two apart
+
+
+def test_decoding_knobs_on_the_tiny_model(tiny_checkpoint, tiny_flickr, capsys):
+    """The Hugging Face knobs as flags: bad words never appear, min_length holds, diverse beams are
+    returned, and contradictory or unknown settings are one error line naming the setting (exit 2)."""
+    from core.caption import main
+    image = str(next((tiny_flickr / "images").glob("*_red_square.jpg")))
+
+    def run(*flags: str) -> list[dict]:
+        assert main(["--checkpoint", str(tiny_checkpoint), "--json", image, *flags]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    [plain] = run("--beam", "3")
+    assert plain["caption"] == "a red square on a white wall"
+    [banned] = run("--beam", "3", "--nbest", "3", "--bad-words", "Red", "wall")
+    assert all(not {"red", "wall"} & set(h["caption"].split()) for h in banned["hypotheses"])
+    [long] = run("--beam", "3", "--min-length", "10")
+    assert len(long["hypotheses"][0]["token_logprobs"]) >= 10 and len(long["caption"].split()) >= 9
+    [diverse] = run("--beam", "4", "--num-beam-groups", "2", "--diversity-penalty", "1.0", "--nbest", "4")
+    assert len(diverse["hypotheses"]) == 4 and diverse["caption"] == plain["caption"]
+    [sampled] = run("--sample", "--top-p", "0.01", "--seed", "3", "--repetition-penalty", "1.2")
+    assert sampled["caption"] == plain["caption"]            # a tiny nucleus is the top word: greedy
+
+    for flags, named in ((["--bad-words", "zebra", "wall"], "'zebra'"),
+                         (["--beam", "3", "--num-beam-groups", "2", "--diversity-penalty", "1"], "num_beam_groups"),
+                         (["--beam", "4", "--diversity-penalty", "1"], "diversity_penalty"),
+                         (["--min-length", "30"], "min_length"), (["--sample", "--top-p", "0"], "top_p"),
+                         (["--repetition-penalty", "0"], "repetition_penalty")):
+        assert main(["--checkpoint", str(tiny_checkpoint), image, *flags]) == 2, flags
+        captured = capsys.readouterr()
+        assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and named in captured.err
+        assert not captured.out

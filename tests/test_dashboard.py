@@ -74,8 +74,9 @@ def test_every_page_renders(env):
     assert widget(at.selectbox, "Checkpoint").value == "captionscope-lite2.safetensors"
     flickr = os.environ["FLICKR8K_DIR"]
     assert widget(at.text_input, "Flickr8K folder").value == flickr      # from $FLICKR8K_DIR
-    titles = {"caption": "Caption", "attention": "Attention", "beams": "Beam comparison",
-              "browser": "Flickr8K browser", "model_card": "Model card", "home": "CaptionScope"}
+    titles = {"caption": "Caption", "attention": "Attention", "faithfulness": "Faithfulness", "beams": "Beam comparison",
+              "browser": "Flickr8K browser", "model_card": "Model card", "presentation": "Presentation",
+              "home": "CaptionScope"}
     for page, title in titles.items():
         at.switch_page(f"pages/{page}.py").run()
         assert not at.exception, (page, [e.value for e in at.exception])
@@ -97,7 +98,37 @@ def test_caption_example_and_nbest(env):
     assert nbest["Caption"].str.len().gt(0).all()
     logprobs = nbest["Log-prob"].astype(float)
     assert (logprobs.diff().dropna() <= 1e-6).all() or at.session_state["decoding"].length_penalty
-    assert {b.label for b in at.get("download_button")} == {"Download CSV", "Download JSON"}
+    assert {b.label for b in at.get("download_button")} == {"Download CSV", "Download JSON", "Report (HTML)"}
+
+
+def test_sidebar_decoding_knobs(env):
+    """The Hugging Face knobs from the sidebar: bad words leave the caption (unknown ones are named), diverse
+    beam search runs once the groups divide the width, and a contradiction is one error naming the setting."""
+    at = start("caption")
+    first = at.main.subheader[0].value.split()
+    word = next(w for w in first if len(w) > 2)
+    widget(at.text_input, "Bad words").set_value(f"{word}, zzqqx").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("zzqqx" in w.value for w in at.sidebar.warning)
+    assert at.session_state["decoding"].bad_words == (word,)
+    assert all(word not in s.value.split() for s in at.main.subheader)
+
+    widget(at.slider, "Beam width").set_value(3).run()
+    widget(at.number_input, "Beam groups").set_value(2).run()
+    assert not at.exception
+    errors = [e.value for e in at.sidebar.error]
+    assert len(errors) == 1 and "num_beam_groups (2) must divide beam_size (3)" in errors[0]
+    assert at.session_state["decoding"].num_beam_groups == 1           # captions go on without the knobs
+    widget(at.slider, "Beam width").set_value(4).run()
+    assert not at.exception and not at.sidebar.error
+    widget(at.slider, "Diversity penalty").set_value(1.0).run()
+    decoding = at.session_state["decoding"]
+    assert (decoding.num_beam_groups, decoding.diversity_penalty, decoding.bad_words) == (2, 1.0, (word,))
+    assert len(at.table[0].value) == 4 and decoding.describe().startswith("diverse beam search")
+    widget(at.number_input, "Min length").set_value(12).run()
+    assert at.session_state["decoding"].min_length == 12 and not at.exception
+    assert len(at.main.subheader[0].value.split()) >= 11                  # 12 tokens incl. <end>
+    assert "min length 12" in at.main.caption[0].value                     # the page names the knobs in use
 
 
 def test_caption_bad_upload_keeps_the_others(env):
@@ -138,6 +169,56 @@ def test_attention_words_grid_and_occlusion(env):
     assert any(label.endswith("before") for label in labels) and "after" in labels
     assert any("Caption after" in m.value for m in at.markdown)
     assert {b.label for b in at.get("download_button")} >= {"Grid (PNG)", "Animation (GIF)"}
+
+
+def test_attention_faithfulness_scoring_prefix_and_beam_view(env):
+    from core.captioner import Captioner
+    at = start("attention")
+    decoding = at.session_state["decoding"]
+    expected = Captioner.from_checkpoint(env / "captionscope-lite2.safetensors").caption(EXAMPLE, decoding)
+    hyp = expected.hypotheses[0]
+    # three maps, their correlations, deletion curves and one verdict line
+    [b for b in at.button if b.label == "Run faithfulness check"][0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len([m for m in at.metric if m.label.startswith("Spearman ρ")]) == 3
+    assert any(i.value.startswith("Attention ranks the regions that matter") for i in at.info)
+    widget(at.radio, "Deletion space").set_value("Pixel space").run()
+    assert not at.exception and not any(i.value.startswith("Attention ranks") for i in at.info)   # asks again
+    # score a caption: the model's own one first, then bad and unknown text
+    box = widget(at.text_input, "Caption to score")
+    assert box.value == expected.caption
+    assert widget(at.metric, "Log-prob (this caption)").value == f"{hyp.logprob:.2f}"
+    box.set_value("<b>a</b> zzqx dog 🐶 runs").run()
+    assert not at.exception
+    assert any("zzqx" in w.value for w in at.warning) and any("HTML tags removed" in c.value for c in at.caption)
+    widget(at.text_input, "Caption to score").set_value("   ").run()
+    assert any("has no words" in e.value for e in at.error)
+    # force a prefix
+    widget(at.text_input, "First words").set_value("a man").run()
+    assert not at.exception and any(m.value.startswith("**a man**") for m in at.markdown)
+    widget(at.text_input, "First words").set_value("a zzqx").run()
+    assert any("not in the model's vocabulary: zzqx" in e.value for e in at.error)
+    # the beam search, step by step: picking a node shows its attention
+    node = widget(at.selectbox, "Node")
+    assert len(node.options) > 1 and node.options[0].startswith("step 1 · kept")
+    node.set_value(len(node.options) - 1).run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_faithfulness_page_summary_and_link_to_the_attention_page(env):
+    at = start("faithfulness")
+    widget(at.number_input, "dev images (first n)").set_value(2).run()
+    [b for b in at.button if b.label == "Run over the split"][0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    summary = at.table[0].value
+    assert list(summary["Ranking"]) == ["attention", "saliency", "random"]
+    assert any(s.value == "Where attention is least faithful" for s in at.subheader)
+    opens = [b for b in at.button if b.label == "Open"]
+    assert opens
+    opens[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "Attention"
+    assert widget(at.selectbox, "dev image").value.endswith(".jpg")
 
 
 def test_beam_comparison_rows_and_sweep(env):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from core.checkpoint import load_checkpoint
@@ -125,3 +126,20 @@ def test_a_decoding_grid_sharded_over_two_ranks_equals_one_rank(tiny_checkpoint,
         folder = setting["folder"]
         assert (tmp_path / "two" / folder / "captions.csv").read_text() == \
             (tmp_path / "one" / folder / "captions.csv").read_text()
+def test_sharded_faithfulness_equals_a_single_process_run(tiny_checkpoint, tiny_flickr, tiny_features, tmp_path):
+    args = ["--checkpoint", str(tiny_checkpoint), "--data", str(tiny_flickr), "--split", "dev", "--limit", "5",
+            "--features", str(tiny_features), "--beam", "1", "--step", "7", "--seeds", "2"]
+    torchrun("core.faithfulness", [*args, "--out", str(tmp_path / "two")])
+    from core.faithfulness import main as faithfulness_main
+    assert faithfulness_main([*args, "--out", str(tmp_path / "one")]) == 0
+    two = (tmp_path / "two" / "words.csv").read_text().splitlines()
+    one = (tmp_path / "one" / "words.csv").read_text().splitlines()
+    assert len(one) == 1 + 5 * 8 and len(two) == len(one)
+    for a, b in zip(one, two):
+        fa, fb = a.split(","), b.split(",")
+        assert fa[:5] == fb[:5]                                   # image, position, word, frequency
+        np.testing.assert_allclose([float(x) for x in fa[5:]] if fa[0] != "image" else [0],
+                                   [float(x) for x in fb[5:]] if fb[0] != "image" else [0], atol=1e-5)
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert s1["attention"]["mean_auc"] == pytest.approx(s2["attention"]["mean_auc"], abs=1e-6)
+    assert s1["by_word"].keys() == s2["by_word"].keys()

@@ -69,3 +69,29 @@ def test_bad_split_and_checkpoint_exit_2(tiny_checkpoint, tiny_flickr, tmp_path,
                  "--out", str(tmp_path)]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_decoding_knobs_reach_the_captions_and_metrics(tiny_checkpoint, tiny_flickr, tiny_features, tmp_path,
+                                                       capsys):
+    from core.evaluate import main
+    out = tmp_path / "knobs"
+    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(tiny_flickr), "--features", str(tiny_features),
+                 "--beam", "2", "4", "--num-beam-groups", "2", "--diversity-penalty", "0.5", "--bad-words", "wall",
+                 "--min-length", "9", "--out", str(out)]) == 0
+    for beam in (2, 4):
+        summary = json.loads((out / f"beam{beam}" / "metrics.json").read_text())
+        knobs = {k: summary["decoding"][k] for k in ("beam_size", "num_beam_groups", "diversity_penalty",
+                                                     "min_length", "bad_words")}
+        assert knobs == dict(beam_size=beam, num_beam_groups=2, diversity_penalty=0.5, min_length=9,
+                             bad_words=["wall"])
+        with open(out / f"beam{beam}" / "captions.csv", newline="") as f:
+            captions = [row["caption"].split() for row in csv.DictReader(f)]
+        assert len(captions) == 8 and all("wall" not in c and len(c) >= 8 for c in captions)
+    capsys.readouterr()
+    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(tiny_flickr), "--beam", "2", "3",
+                 "--num-beam-groups", "2", "--diversity-penalty", "0.5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "num_beam_groups (2) must divide beam_size (3)" in err and not (tmp_path / "bad").exists()
+    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(tiny_flickr), "--bad-words", "zebra",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "'zebra'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -9,6 +9,7 @@ function may not draw into elements created outside it, so corpus results use co
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +25,8 @@ from core.decoding import DecodingConfig
 from core.images import ImageLimits, content_hash, read_source_bytes
 from core.io_utils import printable_name
 from core.metrics import java_available
+from core.worker import CorpusJob, CorpusWorker
+from ui import state
 from ui.settings import cache_dir, features_dir
 
 
@@ -137,9 +140,62 @@ def _progress_bar(text: str):
     return bar, update
 
 
+# below this many images x settings a corpus job runs in the session itself (a few seconds at most)
+WORKER_MIN_IMAGES = int(os.environ.get("CAPTIONSCOPE_WORKER_MIN_IMAGES", "100"))
+
+
+@st.cache_resource
+def corpus_worker() -> CorpusWorker:
+    """One low-priority worker process per server (core/worker.py): corpus jobs never slow other sessions."""
+    return CorpusWorker()
+
+
+def _worker_job(captioner: Captioner, items: Sequence[ImageCaptions], decodings: Sequence[DecodingConfig],
+                split: str, with_meteor: bool) -> CorpusJob | None:
+    """The worker job that reproduces `items`, or None where only this process can (no checkpoint file,
+    unseeded sampling, items that are not the sidebar dataset's split or a prefix of it)."""
+    dataset, _ = state.get_dataset()
+    if captioner.path is None or dataset is None or split not in dataset.splits:
+        return None
+    if any(d.do_sample and d.seed is None for d in decodings):
+        return None
+    full = dataset.splits[split]
+    if [it.image for it in full[:len(items)]] != [it.image for it in items]:
+        return None
+    return CorpusJob(checkpoint=str(captioner.path), data_dir=str(dataset.root), split=split,
+                     decodings=tuple(CorpusJob.encode_decoding(d.to_dict()) for d in decodings),
+                     cache_dir=str(caption_cache().folder), features_dir=str(features_dir()),
+                     limit=0 if len(items) == len(full) else len(items), with_meteor=with_meteor)
+
+
+def run_corpus_job(captioner: Captioner, items: Sequence[ImageCaptions], decodings: Sequence[DecodingConfig],
+                   split: str, text: str, *, with_meteor: bool) -> bool:
+    """Caption + score in the worker process, with a progress bar; True when done there (the results are
+    then in the on-disk cache), False where the caller must compute in this process."""
+    if len(items) * len(decodings) < WORKER_MIN_IMAGES:
+        return False            # seconds of work at most: not worth starting (or waiting for) the worker
+    job = _worker_job(captioner, items, decodings, split, with_meteor)
+    if job is None:
+        return False
+    bar, update = _progress_bar(text)
+    try:
+        running = corpus_worker().submit(job)
+        while not running.wait(0.25):
+            if running.progress[1]:
+                update(*running.progress)
+        running.result()        # raises CaptionScopeError with the worker's message
+    finally:
+        bar.empty()
+    return True
+
+
 def caption_split(captioner: Captioner, items: Sequence[ImageCaptions], decoding: DecodingConfig,
                   split: str) -> dict[str, dict]:
-    """Best caption of every image of the split, with a progress bar while it runs (cached on disk)."""
+    """Best caption of every image of the split, with a progress bar while it runs (cached on disk).
+    A split not yet cached is captioned and scored by the low-priority worker process."""
+    if not corpus.split_is_cached(captioner, items, decoding, split, caption_cache()):
+        run_corpus_job(captioner, items, [decoding], split, f"Captioning the {split} split…",
+                       with_meteor=java_available())
     bar, update = _progress_bar(f"Captioning the {split} split…")
     try:
         return corpus.caption_split(captioner, items, decoding, features_dir=features_dir(), split=split,
@@ -155,10 +211,14 @@ def score_split(predictions: dict[str, dict], items: Sequence[ImageCaptions]):
 
 def beam_sweep(captioner: Captioner, items: Sequence[ImageCaptions], widths: Sequence[int],
                base: DecodingConfig, split: str) -> pd.DataFrame:
+    base = dataclasses.replace(base, do_sample=False)
+    configs = [dataclasses.replace(base, beam_size=int(w), num_return_sequences=1) for w in widths]
+    if not all(corpus.split_is_cached(captioner, items, c, split, caption_cache()) for c in configs):
+        run_corpus_job(captioner, items, configs, split, "Decoding the subset at each width…",
+                       with_meteor=False)
     bar, update = _progress_bar("Decoding the subset at each width…")
     try:
-        return corpus.beam_sweep(captioner, items, list(widths), dataclasses.replace(base, do_sample=False),
-                                 features_dir=features_dir(), split=split, cache=caption_cache(),
-                                 progress=update)
+        return corpus.beam_sweep(captioner, items, list(widths), base, features_dir=features_dir(), split=split,
+                                 cache=caption_cache(), progress=update)
     finally:
         bar.empty()

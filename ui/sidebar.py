@@ -2,20 +2,24 @@
 call of every page.
 
 The decoding controls are generated from one table, `DECODING_CONTROLS` (field -> label, range, step,
-help): the widgets and the clamping of a checkpoint's defaults into the widgets' ranges both read it.
+help): the widgets and the clamping of a checkpoint's defaults into the widgets' ranges both read it. The
+Hugging Face knobs (top-p, repetition penalty, min length, diverse beam search, bad words) are in it too;
+a contradictory combination or a word the checkpoint does not know gets a sidebar message naming it.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import streamlit as st
 
+from core.captioner import Captioner
 from core.checkpoint import DEFAULT_CHECKPOINT_NAME, save_uploaded_checkpoint, upload_file_name
 from core.data import find_data_dir_from_env
 from core.decoding import DecodingConfig
-from core.errors import CheckpointError
+from core.errors import CheckpointError, ConfigError
 from core.io_utils import printable_name
-from ui import state
+from ui import links, state
 from ui.settings import BUNDLED, UPLOADED, CheckpointChoice, available_checkpoints, checkpoint_dir, upload_dir
 
 # Streamlit enforces the server-wide .streamlit/config.toml maxUploadSize on every upload, whatever a widget
@@ -44,9 +48,27 @@ class Control:
         widget(self.label, self.low, self.high, step=self.step, key=self.key, help=self.help)
 
 
+@dataclass(frozen=True)
+class WordsControl:
+    """A list-of-words setting (bad_words) as one text field, words separated by commas or spaces."""
+    key: str
+    label: str
+    help: str | None = None
+
+    def clamp(self, words) -> str:
+        return ", ".join(words)
+
+    def draw(self, container) -> None:
+        container.text_input(self.label, key=self.key, help=self.help, placeholder="e.g. dog, ball")
+
+    @staticmethod
+    def parse(text: str) -> tuple[str, ...]:
+        return tuple(w for w in str(text).replace(",", " ").split() if w)
+
+
 # field of DecodingConfig -> its control; "samples" is num_return_sequences while sampling (the n-best list
 # of a beam search is the whole beam)
-DECODING_CONTROLS: dict[str, Control] = {
+DECODING_CONTROLS: dict[str, Control | WordsControl] = {
     "beam_size": Control("dec_beam", "Beam width", 1, 10, 1, "1 = greedy search. The n-best list shows every beam."),
     "samples": Control("dec_samples", "Samples per image", 1, 10, 1),
     "temperature": Control("dec_temperature", "Temperature", 0.1, 2.0, 0.05),
@@ -60,6 +82,26 @@ DECODING_CONTROLS: dict[str, Control] = {
                           slider=False),
     "no_repeat_ngram_size": Control("dec_no_repeat", "No-repeat n-gram", 0, 4, 1,
                                     "0 = off; n = never produce the same n-gram twice.", slider=False),
+    # Hugging Face generate's knobs, under its names (rules: core/logits_rules.py)
+    "top_p": Control("dec_top_p", "Top-p (1 = all)", 0.05, 1.0, 0.05,
+                     "Nucleus sampling: sample from the smallest set of top words whose probability reaches p "
+                     "(after top-k)."),
+    "repetition_penalty": Control("dec_repetition_penalty", "Repetition penalty", 1.0, 3.0, 0.05,
+                                  "Hugging Face's rule: each word already in the caption has its logit divided "
+                                  "by this (multiplied when negative). 1 = off; larger = fewer repeated words."),
+    "min_length": Control("dec_min_length", "Min length", 0, 50, 1,
+                          "No <end> before this many tokens (incl. <end>, like Max length). 0 = off.",
+                          slider=False),
+    "num_beam_groups": Control("dec_beam_groups", "Beam groups", 1, 10, 1,
+                               "Diverse beam search: the beams split into this many groups (it must divide the "
+                               "beam width); each group is penalised for words earlier groups just picked.",
+                               slider=False),
+    "diversity_penalty": Control("dec_diversity_penalty", "Diversity penalty", 0.1, 3.0, 0.1,
+                                 "Subtracted from a word's log-prob once per earlier group that picked it at "
+                                 "the same step (Hamming diversity)."),
+    "bad_words": WordsControl("dec_bad_words", "Bad words",
+                              "Words no caption may contain (separated by commas or spaces). Words the "
+                              "checkpoint's vocabulary lacks are named and ignored."),
 }
 SAMPLE_KEY = "dec_sample"
 SIDEBAR_KEYS = (*(c.key for c in DECODING_CONTROLS.values()), SAMPLE_KEY, "flickr_dir", "checkpoint_label")
@@ -69,7 +111,8 @@ SIDEBAR_KEYS = (*(c.key for c in DECODING_CONTROLS.values()), SAMPLE_KEY, "flick
 def _apply_decoding_defaults(base: DecodingConfig, *, overwrite: bool) -> None:
     """Set the widgets from a checkpoint's default decoding settings (clamped into the widgets' ranges)."""
     values = {name: getattr(base, name) for name in DECODING_CONTROLS if name != "samples"}
-    values.update(seed=base.seed or 0, samples=3 if base.do_sample else max(base.num_return_sequences, 3))
+    values.update(seed=base.seed or 0, samples=3 if base.do_sample else max(base.num_return_sequences, 3),
+                  diversity_penalty=base.diversity_penalty or 0.5)    # the value the slider offers once groups > 1
     for name, control in DECODING_CONTROLS.items():
         if overwrite or control.key not in st.session_state:
             st.session_state[control.key] = control.clamp(values[name])
@@ -77,15 +120,35 @@ def _apply_decoding_defaults(base: DecodingConfig, *, overwrite: bool) -> None:
         st.session_state[SAMPLE_KEY] = bool(base.do_sample)
 
 
-def _decoding_from_widgets() -> DecodingConfig:
+def _decoding_from_widgets(sidebar, captioner: Captioner | None) -> DecodingConfig:
+    """The widgets' setting. Contradictory knobs: an error naming the setting, and the setting without the
+    Hugging Face knobs. Bad words the checkpoint does not know: a warning naming them, and they are dropped."""
     value = {name: st.session_state[control.key] for name, control in DECODING_CONTROLS.items()}
     sampling = bool(st.session_state[SAMPLE_KEY])
-    return DecodingConfig(
+    base = DecodingConfig(
         beam_size=int(value["beam_size"]), max_length=int(value["max_length"]),
         length_penalty=float(value["length_penalty"]), no_repeat_ngram_size=int(value["no_repeat_ngram_size"]),
         do_sample=sampling, temperature=float(value["temperature"]), top_k=int(value["top_k"]),
         num_return_sequences=int(value["samples"]) if sampling else int(value["beam_size"]),
         seed=int(value["seed"]))
+    groups = 1 if sampling else int(value["num_beam_groups"])
+    words = WordsControl.parse(value["bad_words"])
+    try:
+        knobs = dataclasses.replace(
+            base, top_p=float(value["top_p"]), repetition_penalty=float(value["repetition_penalty"]),
+            min_length=int(value["min_length"]), num_beam_groups=groups,
+            diversity_penalty=float(value["diversity_penalty"]) if groups > 1 else 0.0, bad_words=words)
+        if captioner is not None and knobs.bad_words:
+            unknown = [w for w in knobs.bad_words if w not in captioner.vocab.stoi]
+            if unknown:
+                sidebar.warning(f"Not in this checkpoint's vocabulary, so never said anyway (ignored): "
+                                f"{', '.join(unknown)}")
+                knobs = dataclasses.replace(knobs, bad_words=tuple(w for w in knobs.bad_words if w not in unknown))
+            captioner.check_decoding(knobs)
+    except ConfigError as e:
+        sidebar.error(f"{e}. Captioning without these knobs.")
+        return base
+    return knobs
 
 
 def _on_reset_decoding() -> None:
@@ -93,15 +156,17 @@ def _on_reset_decoding() -> None:
     _apply_decoding_defaults(meta.decoding_config() if meta is not None else DecodingConfig(), overwrite=True)
 
 
-def _draw_decoding(sidebar, defaults: DecodingConfig) -> None:
+def _draw_decoding(sidebar, defaults: DecodingConfig, captioner: Captioner | None = None) -> None:
     _apply_decoding_defaults(defaults, overwrite=False)
     sidebar.subheader("Decoding")
     c = DECODING_CONTROLS
-    if sidebar.toggle("Sample instead of beam search", key=SAMPLE_KEY):
+    sampling = sidebar.toggle("Sample instead of beam search", key=SAMPLE_KEY)
+    if sampling:
         c["samples"].draw(sidebar)
         left, right = sidebar.columns(2)
         c["temperature"].draw(left)
         c["top_k"].draw(right)
+        c["top_p"].draw(sidebar)
         c["seed"].draw(sidebar)
     else:
         c["beam_size"].draw(sidebar)
@@ -109,8 +174,16 @@ def _draw_decoding(sidebar, defaults: DecodingConfig) -> None:
     left, right = sidebar.columns(2)
     c["max_length"].draw(left)
     c["no_repeat_ngram_size"].draw(right)
+    more = sidebar.expander("More knobs: repetition, min length, diverse beams, bad words")
+    c["repetition_penalty"].draw(more)
+    c["min_length"].draw(more)
+    if not sampling:
+        c["num_beam_groups"].draw(more)
+        if st.session_state[c["num_beam_groups"].key] > 1:
+            c["diversity_penalty"].draw(more)
+    c["bad_words"].draw(more)
     sidebar.button("Reset to checkpoint defaults", on_click=_on_reset_decoding, width="stretch")
-    st.session_state["decoding"] = _decoding_from_widgets()
+    st.session_state["decoding"] = _decoding_from_widgets(sidebar, captioner)
 
 
 # -- checkpoint ----------------------------------------------------------------------------------------------
@@ -203,7 +276,7 @@ def render_sidebar() -> None:
     """Checkpoint picker, decoding settings and the Flickr8K folder; drawn by `page_setup` on every run of
     every page. Sets the session's "checkpoint_choice" and "decoding"."""
     captioner = _draw_checkpoint(st.sidebar)
-    _draw_decoding(st.sidebar, captioner.default_decoding() if captioner is not None else DecodingConfig())
+    _draw_decoding(st.sidebar, captioner.default_decoding() if captioner is not None else DecodingConfig(), captioner)
     _draw_data(st.sidebar)
 
 
@@ -217,8 +290,10 @@ def page_setup() -> None:
     """
     leave_folder_mode()
     st.set_page_config(**PAGE_CONFIG)
+    links.begin_page(lambda: [c.label for c in available_checkpoints()])   # a link's settings, before widgets
     keep_page_state()
     render_sidebar()
+    links.show_messages()
 
 
 def leave_folder_mode() -> None:

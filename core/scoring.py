@@ -1,0 +1,134 @@
+"""Score any caption: teacher-forced per-word probabilities, attention and β for a caption a person typed.
+
+Typed text is cleaned before it is scored (HTML tags and entities, emoji and punctuation go; what went is
+reported), then split with the training tokenizer (`core.text.tokenize`). Words outside the vocabulary are
+named, never silently mapped: they are scored as <unk> (the probability the model gives its unknown-word
+token, the only honest number it has for them) and listed in `oov`. The decoder itself never emits <unk>,
+so every other position uses the decoder's distribution (without <pad>, <start>, <unk>), and scoring the
+decoder's own caption gives back its token log-probs exactly; the total counts <end>, as the decoder's
+`logprob` does.
+"""
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from core.errors import ConfigError
+from core.text import tokenize
+
+MAX_CHARACTERS = 1000
+MAX_WORDS = 50
+UNLIKELY = 0.05          # a word under this probability is highlighted
+_TAG = re.compile(r"<[^<>]{0,200}>")
+
+
+@dataclass
+class PreparedCaption:
+    words: list[str]                                      # tokens as scored
+    token_ids: list[int]                                  # <unk> for out-of-vocabulary words
+    oov: list[tuple[int, str]] = field(default_factory=list)   # (position, word) of each unknown word
+    notes: list[str] = field(default_factory=list)       # what cleaning removed, for the user
+
+
+@dataclass
+class CaptionScore:
+    words: list[str]                # the scored tokens: the words, then "<end>"
+    token_ids: list[int]
+    logprobs: np.ndarray            # (T,) log p(token_t | image, tokens before t)
+    attention: np.ndarray           # (T, L) α when predicting each token
+    betas: np.ndarray               # (T,)
+    oov: list[tuple[int, str]]
+    notes: list[str]
+
+    @property
+    def probs(self) -> np.ndarray:
+        return np.exp(self.logprobs)
+
+    @property
+    def logprob(self) -> float:
+        """Total log-prob including <end> (the decoder's `Hypothesis.logprob` convention)."""
+        return float(np.sum(self.logprobs, dtype=np.float64))
+
+    @property
+    def per_token(self) -> float:
+        return self.logprob / max(len(self.logprobs), 1)
+
+    def unlikely(self, threshold: float = UNLIKELY) -> list[int]:
+        return [i for i, p in enumerate(self.probs) if p < threshold]
+
+    def to_json(self) -> dict:
+        return {"words": self.words, "token_logprobs": [round(float(x), 6) for x in self.logprobs],
+                "logprob": self.logprob, "per_token": self.per_token,
+                "attention": np.round(self.attention, 5).tolist(), "betas": np.round(self.betas, 5).tolist(),
+                "oov": [w for _, w in self.oov], "notes": self.notes}
+
+
+def prepare_caption(text: str, vocab, *, allow_oov: bool = True, what: str = "caption") -> PreparedCaption:
+    """Clean, tokenize and look up typed text; a ConfigError with one clear line when it cannot be scored."""
+    if not isinstance(text, str):
+        raise ConfigError(f"the {what} must be text, got {type(text).__name__}")
+    if len(text) > MAX_CHARACTERS:
+        raise ConfigError(f"the {what} is {len(text):,} characters long; the limit is {MAX_CHARACTERS:,}")
+    notes = []
+    cleaned = html.unescape(_TAG.sub(" ", text))
+    if cleaned != text and _TAG.search(text):
+        notes.append("HTML tags removed")
+    words = tokenize(cleaned)
+    leftover = re.sub(r"\s+", "", re.sub(r"[^\W_]+", "", cleaned))
+    if leftover:
+        notes.append(f"ignored punctuation and symbols: {leftover[:40]}")
+    if not words:
+        raise ConfigError(f"the {what} has no words to score" + (" (only punctuation, symbols or emoji)"
+                                                                 if text.strip() else " (it is empty)"))
+    if len(words) > MAX_WORDS:
+        raise ConfigError(f"the {what} has {len(words)} words; the limit is {MAX_WORDS}")
+    stoi = vocab.stoi
+    oov = [(i, w) for i, w in enumerate(words) if w not in stoi or stoi[w] < 4]
+    if len(oov) == len(words):
+        raise ConfigError(f"none of the words of the {what} are in the model's vocabulary: "
+                          + ", ".join(sorted({w for _, w in oov}))[:200])
+    if oov and not allow_oov:
+        raise ConfigError(f"not in the model's vocabulary: {', '.join(dict.fromkeys(w for _, w in oov))} "
+                          f"(the model cannot produce these words)")
+    ids = [stoi[w] if (i, w) not in oov else vocab.unk_id for i, w in enumerate(words)]
+    return PreparedCaption(words, ids, oov, notes)
+
+
+def teacher_force(model, features: torch.Tensor, token_ids: list[int], *, start_id: int, end_id: int,
+                  pad_id: int, unk_id: int, include_end: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log-probs, attention, betas) of the words (+ <end>) through `model.step`. A position whose target
+    is <unk> is scored against the distribution with <unk> in it; every other one as the decoder sees it."""
+    targets = list(token_ids) + ([end_id] if include_end else [])
+    if features.dim() == 2:
+        features = features.unsqueeze(0)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            state = model.init_state(features.to(device=device, dtype=torch.float32))
+            logprobs, alphas, betas = [], [], []
+            for prev, target in zip([start_id] + targets[:-1], targets):
+                logits, alpha, beta, state = model.step(torch.tensor([prev], device=device), state)
+                logits = logits.clone()
+                logits[:, [pad_id, start_id] + ([] if target == unk_id else [unk_id])] = float("-inf")
+                logprobs.append(torch.log_softmax(logits, dim=-1)[0, target])
+                alphas.append(alpha[0]), betas.append(beta[0, 0])
+    finally:
+        model.train(was_training)
+    return (torch.stack(logprobs).float().cpu().numpy(), torch.stack(alphas).float().cpu().numpy(),
+            torch.stack(betas).float().cpu().numpy())
+
+
+def score_caption(captioner, features: torch.Tensor, text: str) -> CaptionScore:
+    """Teacher-forced score of typed text on one image's (L, C) features."""
+    prepared = prepare_caption(text, captioner.vocab)
+    v = captioner.vocab
+    lp, att, bet = teacher_force(captioner.model, features, prepared.token_ids, start_id=v.start_id,
+                                 end_id=v.end_id, pad_id=v.pad_id, unk_id=v.unk_id)
+    return CaptionScore(prepared.words + ["<end>"], prepared.token_ids + [v.end_id], lp, att, bet,
+                        prepared.oov, prepared.notes)
