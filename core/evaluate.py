@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     add_decoding_knobs(parser, sampling=False)
     args = parser.parse_args(argv)
     axes = _grid_axes(args)
-    settings = build_grid(DecodingConfig(max_length=args.max_length, **decoding_knobs(args)), axes)   # bad grids fail before loading
+    # the knobs sit in the base setting; every grid point is checked before the checkpoint loads
+    base = DecodingConfig(beam_size=args.beam[0], max_length=args.max_length, **decoding_knobs(args))
+    settings = build_grid(base, axes)
     varying = [a for a, values in axes.items() if len(dict.fromkeys(values)) > 1]
     if args.card and set(varying) - {"beam_size"}:
         raise ConfigError("--card records beam widths only: give one --length-penalty and one --no-repeat-ngram")
