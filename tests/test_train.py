@@ -97,7 +97,7 @@ def test_fine_tuning_the_encoder_tail_from_its_activation_cache(tiny_flickr, tmp
     assert image.hypotheses[0].attention.shape[1] == 16
     from_files = caption_split(captioner, items, DecodingConfig(beam_size=2), features_dir=None)
     from_cache = caption_split(captioner, items, DecodingConfig(beam_size=2), features_dir=feats)
-    assert [from_files[it.image]["caption"] for it in items] == [from_cache[it.image]["caption"] for it in items]
+    assert [from_files.captions[it.image]["caption"] for it in items] == [from_cache.captions[it.image]["caption"] for it in items]
     assert scst_main(["--init", str(out / "last.safetensors"), "--data", str(tiny_flickr), "--features", str(feats),
                       "--out", str(tmp_path / "scst"), "--max-steps", "2", "--batch-size", "4", "--samples", "2",
                       "--eval-beam", "1", "--bleu-weight", "0.5"]) == 0
