@@ -1,6 +1,6 @@
 """Caption image files from the command line.
 
-    python -m core.caption photo.jpg other.png                 # bundled checkpoint, beam 5
+    python -m core.caption photo.jpg other.png                 # bundled checkpoint, its decoding defaults
     python -m core.caption photo.jpg --nbest 3 --json          # n-best with per-token log-probabilities
     python -m core.caption photo.jpg --score "a dog runs on the grass" --json   # teacher-forced score
     python -m core.caption photo.jpg --prefix "a woman in" --json               # continue typed words
@@ -8,7 +8,8 @@
     python -m core.caption photo.jpg --sample --top-p 0.9 --bad-words dog --min-length 8
 
 A bad file prints one line naming it and what is wrong; the others are still captioned; the exit code
-is 1 if any file failed, 2 for bad arguments or checkpoint.
+is 1 if any file failed, 2 for bad arguments or checkpoint. Beam settings not given on the command line
+come from the checkpoint (its defaults were tuned on dev), as in the dashboard.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from core import beam_trace, scoring
 from core.captioner import CaptionFailure, Captioner
 from core.checkpoint import default_checkpoint_path
 from core.decoding import DecodingConfig
-from core.cli import add_decoding_knobs, decoding_knobs
+from core.cli import add_beam_arguments, add_decoding_knobs, beam_decoding, decoding_knobs
 from core.errors import CaptionScopeError, cli_main
 
 
@@ -37,11 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None, help="default: the bundled checkpoint")
     parser.add_argument("--encoder-weights", default=None,
                         help="the encoder's weights: imagenet (default) | none | PATH to a local file")
-    parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--nbest", type=int, default=1, help="print this many hypotheses per image")
-    parser.add_argument("--length-penalty", type=float, default=0.0)
-    parser.add_argument("--max-length", type=int, default=20)
-    parser.add_argument("--no-repeat-ngram", type=int, default=0)
+    add_beam_arguments(parser, nbest_default=1)
     parser.add_argument("--sample", action="store_true", help="sample instead of beam search")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -54,12 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     typed.add_argument("--prefix", metavar="TEXT", default=None,
                        help="force these first words and let the decoder continue")
     args = parser.parse_args(argv)
-    decoding = DecodingConfig(beam_size=args.beam, num_return_sequences=args.nbest,
-                              length_penalty=args.length_penalty, max_length=args.max_length,
-                              no_repeat_ngram_size=args.no_repeat_ngram, do_sample=args.sample,
-                              temperature=args.temperature, top_k=args.top_k, seed=args.seed, **decoding_knobs(args))
+    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    beam_decoding(args, DecodingConfig(), **sampling, **decoding_knobs(args))   # bad flags exit 2 before loading
     captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
                                           encoder_weights=args.encoder_weights)
+    decoding = beam_decoding(args, captioner.default_decoding(), **sampling, **decoding_knobs(args))
     captioner.check_decoding(decoding)      # bad words outside the vocabulary: one error, not one per image
     if args.score is not None or args.prefix is not None:
         return _typed_caption(captioner, args, decoding)

@@ -6,12 +6,17 @@ true/false, on/off and 1/0 are understood; anything else is an argparse error na
 
 `add_decoding_knobs` gives `core.caption` and `core.evaluate` the same flags for the Hugging Face decoding
 knobs of `core.decoding.DecodingConfig`, named as in `generate` (`--top-p` for top_p, ...).
+`add_beam_arguments` gives `core.caption` and `core.report` the beam flags; the ones a user leaves out come
+from the checkpoint's stored decoding defaults (tuned on dev), as in the dashboard.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import MISSING, fields
 from typing import Any, Iterable
+
+from core.decoding import DecodingConfig
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -62,3 +67,32 @@ def decoding_knobs(args: argparse.Namespace) -> dict:
     """The knobs `add_decoding_knobs` added, as DecodingConfig keyword arguments."""
     names = ("top_p", "repetition_penalty", "min_length", "num_beam_groups", "diversity_penalty", "bad_words")
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+_BEAM_FLAGS = {"beam": "beam_size", "length_penalty": "length_penalty", "max_length": "max_length",
+               "no_repeat_ngram": "no_repeat_ngram_size"}
+
+
+def add_beam_arguments(parser: argparse.ArgumentParser, *, nbest_default: int) -> None:
+    """--beam, --nbest, --length-penalty, --max-length and --no-repeat-ngram; `beam_decoding` fills the
+    ones not given from the checkpoint's defaults."""
+    parser.add_argument("--beam", type=int, default=None, help="beam width (default: the checkpoint's)")
+    parser.add_argument("--nbest", type=int, default=nbest_default, help="hypotheses per image")
+    parser.add_argument("--length-penalty", type=float, default=None, help="default: the checkpoint's")
+    parser.add_argument("--max-length", type=int, default=None, help="default: the checkpoint's")
+    parser.add_argument("--no-repeat-ngram", type=int, default=None, help="default: the checkpoint's")
+
+
+def beam_decoding(args: argparse.Namespace, base: DecodingConfig, *, nbest_within_beam: bool = False,
+                  **fields: Any) -> DecodingConfig:
+    """`base` (a checkpoint's default decoding) with the beam flags the user gave and `fields`.
+
+    --nbest N asks for N hypotheses: without --beam the width grows to N; with `nbest_within_beam` a
+    list of up to N is shown instead, so N never widens the search.
+    """
+    given = {field: getattr(args, flag) for flag, field in _BEAM_FLAGS.items() if getattr(args, flag) is not None}
+    width = given.get("beam_size", base.beam_size)
+    nbest = min(args.nbest, width) if nbest_within_beam else args.nbest
+    if "beam_size" not in given:
+        given["beam_size"] = max(width, nbest)
+    return dataclasses.replace(base, num_return_sequences=nbest, **given, **fields)

@@ -27,6 +27,7 @@ from PIL import Image
 from core import analysis
 from core.captioner import CaptionFailure, CaptionResult
 from core.decoding import DecodingConfig
+from core.cli import add_beam_arguments, beam_decoding
 from core.errors import CaptionScopeError, DataError, cli_main
 from core.images import fit_for_display
 from core.io_utils import atomic_write_text, printable_name
@@ -191,11 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the HTML file to write")
     p.add_argument("--checkpoint", default=None, help="default: the bundled checkpoint")
     p.add_argument("--encoder-weights", default=None, help="imagenet (default) | none | PATH")
-    p.add_argument("--beam", type=int, default=3)
-    p.add_argument("--nbest", type=int, default=3, help="hypotheses listed per image")
-    p.add_argument("--length-penalty", type=float, default=0.0)
-    p.add_argument("--max-length", type=int, default=20)
-    p.add_argument("--no-repeat-ngram", type=int, default=0)
+    add_beam_arguments(p, nbest_default=3)      # defaults: the checkpoint's decoding settings
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (its JVM takes ~5-12 s to start)")
     p.add_argument("--title", default="CaptionScope report")
     return p
@@ -222,15 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         raise CaptionScopeError("--data and --images NAME... go together")
     if not args.images and not args.names:
         raise CaptionScopeError("give image files, or --data D --split dev --images NAME...")
-    decoding = DecodingConfig(beam_size=args.beam, num_return_sequences=min(args.nbest, args.beam),
-                              length_penalty=args.length_penalty, max_length=args.max_length,
-                              no_repeat_ngram_size=args.no_repeat_ngram)
+    beam_decoding(args, DecodingConfig(), nbest_within_beam=True)     # bad flags exit 2 before loading
     items = _dataset_items(args.data, args.split, args.names) if args.names else []
     if items and not args.no_meteor:
         from core.metrics import prestart_meteor
         prestart_meteor()          # the METEOR JVM loads its tables while the images are captioned
     captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
                                           encoder_weights=args.encoder_weights)
+    decoding = beam_decoding(args, captioner.default_decoding(), nbest_within_beam=True)
     entries, notes = (flickr_entries(captioner, items, decoding, with_meteor=not args.no_meteor) if items
                       else ([], []))
     if args.images:

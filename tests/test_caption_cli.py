@@ -143,3 +143,21 @@ def test_decoding_knobs_on_the_tiny_model(tiny_checkpoint, tiny_flickr, capsys):
         captured = capsys.readouterr()
         assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and named in captured.err
         assert not captured.out
+
+
+def test_the_checkpoints_stored_decoding_is_the_default(tiny_checkpoint, tiny_flickr, tmp_path, capsys):
+    """A checkpoint whose stored defaults say max_length 3 captions short without flags; --max-length wins."""
+    from core.caption import main
+    from core.checkpoint import load_checkpoint, save_checkpoint
+    ckpt = load_checkpoint(tiny_checkpoint)
+    short = save_checkpoint(tmp_path / "short.safetensors", ckpt.model, ckpt.vocab, encoder=ckpt.encoder,
+                            training=ckpt.training, decoding={**ckpt.decoding, "beam_size": 2, "max_length": 3})
+    image = str(next((tiny_flickr / "images").glob("*_red_square.jpg")))
+
+    def caption(*flags: str) -> dict:
+        assert main(["--checkpoint", str(short), "--json", image, *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    stored = caption("--nbest", "2")
+    assert len(stored["hypotheses"]) == 2 and all(len(h["token_logprobs"]) <= 3 for h in stored["hypotheses"])
+    assert caption("--max-length", "20")["caption"] == "a red square on a white wall"

@@ -57,3 +57,25 @@ def test_train_and_scst_clis_keep_their_flags():
     assert cfg.keep_dropout is True and not resume
     with pytest.raises(Exception, match="precision"):      # the config validates itself
         train.parse_args(["--data", "d", "--precision", "fp8"])
+
+
+def beam_args(argv: list[str], nbest_default: int = 1) -> argparse.Namespace:
+    from core.cli import add_beam_arguments
+    parser = argparse.ArgumentParser()
+    add_beam_arguments(parser, nbest_default=nbest_default)
+    return parser.parse_args(argv)
+
+
+def test_beam_flags_not_given_come_from_the_checkpoint_defaults():
+    from core.cli import beam_decoding
+    from core.decoding import DecodingConfig
+    stored = DecodingConfig(beam_size=4, length_penalty=0.7, max_length=18, no_repeat_ngram_size=3)
+    assert beam_decoding(beam_args([]), stored) == stored
+    given = beam_decoding(beam_args(["--beam", "2", "--length-penalty", "0", "--max-length", "9"]), stored)
+    assert (given.beam_size, given.length_penalty, given.max_length, given.no_repeat_ngram_size) == (2, 0.0, 9, 3)
+    assert beam_decoding(beam_args(["--nbest", "6"]), stored).beam_size == 6       # the width grows to --nbest
+    listed = beam_decoding(beam_args([], nbest_default=5), stored, nbest_within_beam=True)
+    assert (listed.beam_size, listed.num_return_sequences) == (4, 4)             # a report lists at most k
+    assert beam_decoding(beam_args([]), stored, do_sample=True, seed=1).mode == "sample"
+    with pytest.raises(Exception, match="beam_size"):
+        beam_decoding(beam_args(["--beam", "0"]), stored)
