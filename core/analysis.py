@@ -25,7 +25,7 @@ from core.decoding import DecodingConfig, Hypothesis
 from core.decoding_rules import log_probs
 from core.errors import ConfigError
 from core.images import DISPLAY_FILL, DisplayBox, display_box, letterbox
-from core.text import END, END_ID, START_ID
+from core.text import END, END_ID, PAD_ID, START_ID, UNK_ID
 
 OCCLUSION_FILL = (124, 116, 104)   # ImageNet mean colour: "no information" rather than a black/white edge
 
@@ -244,12 +244,15 @@ class TokenScores:
         return float(self.logprobs.sum(dtype=np.float64))
 
 
-def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, include_end: bool = True) -> TokenScores:
+def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, include_end: bool = True,
+                 score_unk: bool = False) -> TokenScores:
     """Log-probabilities the model gives a fixed caption (teacher forcing through `model.step`).
 
     `token_ids` are the words (a leading <start> / trailing <end> are tolerated and stripped). The
     distribution excludes the never-generated tokens, as decoding does, so for the decoder's own caption
     this reproduces its `token_logprobs`. include_end=False scores the words only (an unfinished caption).
+    score_unk=True scores a typed <unk> target against the distribution with <unk> in it (it has a
+    probability then, instead of log 0).
     """
     ids = [int(t) for t in token_ids]
     if ids and ids[0] == START_ID:
@@ -273,7 +276,12 @@ def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, include
             logprobs, alphas, betas = [], [], []
             for prev, target in zip(inputs, targets):
                 logits, alpha, beta, state = model.step(torch.tensor([prev], device=device), state)
-                logprobs.append(log_probs(logits)[0, target])
+                if score_unk and target == UNK_ID:
+                    logits = logits.clone()
+                    logits[:, [PAD_ID, START_ID]] = float("-inf")
+                    logprobs.append(torch.log_softmax(logits, dim=-1)[0, target])
+                else:
+                    logprobs.append(log_probs(logits)[0, target])
                 alphas.append(alpha[0])
                 betas.append(beta[0, 0])
             lp = torch.stack(logprobs).float().cpu().numpy()

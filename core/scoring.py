@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from core.analysis import score_tokens
 from core.errors import ConfigError
 from core.text import tokenize
 
@@ -98,37 +99,9 @@ def prepare_caption(text: str, vocab, *, allow_oov: bool = True, what: str = "ca
     return PreparedCaption(words, ids, oov, notes)
 
 
-def teacher_force(model, features: torch.Tensor, token_ids: list[int], *, start_id: int, end_id: int,
-                  pad_id: int, unk_id: int, include_end: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(log-probs, attention, betas) of the words (+ <end>) through `model.step`. A position whose target
-    is <unk> is scored against the distribution with <unk> in it; every other one as the decoder sees it."""
-    targets = list(token_ids) + ([end_id] if include_end else [])
-    if features.dim() == 2:
-        features = features.unsqueeze(0)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            state = model.init_state(features.to(device=device, dtype=torch.float32))
-            logprobs, alphas, betas = [], [], []
-            for prev, target in zip([start_id] + targets[:-1], targets):
-                logits, alpha, beta, state = model.step(torch.tensor([prev], device=device), state)
-                logits = logits.clone()
-                logits[:, [pad_id, start_id] + ([] if target == unk_id else [unk_id])] = float("-inf")
-                logprobs.append(torch.log_softmax(logits, dim=-1)[0, target])
-                alphas.append(alpha[0]), betas.append(beta[0, 0])
-    finally:
-        model.train(was_training)
-    return (torch.stack(logprobs).float().cpu().numpy(), torch.stack(alphas).float().cpu().numpy(),
-            torch.stack(betas).float().cpu().numpy())
-
-
 def score_caption(captioner, features: torch.Tensor, text: str) -> CaptionScore:
     """Teacher-forced score of typed text on one image's (L, C) features."""
     prepared = prepare_caption(text, captioner.vocab)
-    v = captioner.vocab
-    lp, att, bet = teacher_force(captioner.model, features, prepared.token_ids, start_id=v.start_id,
-                                 end_id=v.end_id, pad_id=v.pad_id, unk_id=v.unk_id)
-    return CaptionScore(prepared.words + ["<end>"], prepared.token_ids + [v.end_id], lp, att, bet,
-                        prepared.oov, prepared.notes)
+    scored = score_tokens(captioner.model, features, prepared.token_ids, score_unk=True)
+    return CaptionScore(prepared.words + ["<end>"], scored.token_ids, scored.logprobs, scored.attention,
+                        scored.betas, prepared.oov, prepared.notes)
