@@ -7,7 +7,6 @@ import pandas as pd
 import streamlit as st
 
 from core import analysis
-from core.errors import CaptionScopeError
 from core.images import fit_for_display
 from ui import cache, evidence, links, sidebar, state, widgets
 
@@ -24,14 +23,7 @@ with pick:
     item = widgets.single_image_picker("att")
 if item is None:
     st.stop()
-try:
-    decoded = cache.caption(captioner, item, decoding)
-except CaptionScopeError as e:
-    st.error(str(e))
-    st.stop()
-if not decoded.hypotheses:
-    st.warning("The decoder returned no caption for this image.")
-    st.stop()
+decoded = widgets.caption_or_stop(captioner, item, decoding)
 
 # -- which hypothesis, which word -------------------------------------------------------------------------------
 options = list(range(len(decoded.hypotheses)))

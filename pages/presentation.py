@@ -1,8 +1,7 @@
 """Presentation: one big image, the caption revealed word by word with each word's heatmap, large type."""
 import streamlit as st
 
-from core.errors import CaptionScopeError
-from ui import cache, links, presenting, sidebar, state, widgets
+from ui import links, presenting, sidebar, state, widgets
 
 sidebar.page_setup()
 st.title("Presentation")
@@ -18,15 +17,8 @@ with st.expander("Image", expanded=False):
 if item is None:
     st.info("Pick an image above (an example, an upload or a Flickr8K dev image).")
     st.stop()
-try:
-    decoded = cache.caption(captioner, item, decoding)
-    image = decoded.image
-except CaptionScopeError as e:
-    st.error(str(e))
-    st.stop()
-if not decoded.hypotheses:
-    st.warning("The decoder returned no caption for this image.")
-    st.stop()
+decoded = widgets.caption_or_stop(captioner, item, decoding)
+image = decoded.image
 
 tokens = decoded.tokens(0)
 steps = len(tokens)

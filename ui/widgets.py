@@ -17,7 +17,7 @@ from core.images import SUPPORTED_EXTENSIONS, ImageLimits
 from core.io_utils import mtime_ns  # noqa: F401  (the pages key thumbnails on it)
 from core.io_utils import printable_name
 from core.metrics import METRIC_NAMES
-from ui import links, settings, state
+from ui import cache, links, settings, state
 from core.captioner import CaptionResult
 from ui.cache import ImageInput
 
@@ -273,3 +273,16 @@ def report_button(captioner, decoding, entries: list, *, where=None, label: str 
         label, lambda: report_for_captioner(captioner, entries, decoding), file_name="captionscope-report.html",
         mime="text/html", icon=":material/description:", on_click="ignore", width="stretch",
         disabled=not entries, help="One file with the images embedded: opens offline, makes no requests.")
+
+
+def caption_or_stop(captioner, item: ImageInput, decoding) -> CaptionResult:
+    """The (cached) caption of `item`; on bad input the page shows one message and stops there."""
+    try:
+        decoded = cache.caption(captioner, item, decoding)
+    except CaptionScopeError as e:
+        st.error(str(e))
+        st.stop()
+    if not decoded.hypotheses:
+        st.warning("The decoder returned no caption for this image.")
+        st.stop()
+    return decoded
