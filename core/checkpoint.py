@@ -117,6 +117,17 @@ def save_checkpoint(path: str | Path, model: ShowAttendTell, vocab: Vocabulary, 
     return atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
 
 
+def store_decoding_defaults(path: str | Path, decoding: dict, tuned: dict) -> Path:
+    """Rewrite checkpoint `path` atomically with `decoding` (a DecodingConfig dict) as its default settings.
+    The weights stay bit for bit (same storage dtype); `tuned` (how the settings were chosen, e.g. the split
+    and the metric) is recorded as `training["decoding_tuned"]`."""
+    ckpt = load_checkpoint(path)
+    dtype = {name: dt for dt, name in _STORAGE_DTYPES.items()}.get(ckpt.metadata.dtype, torch.float32)
+    return save_checkpoint(path, ckpt.model, ckpt.vocab, encoder=ckpt.encoder, decoding=decoding,
+                           training={**ckpt.training, "decoding_tuned": tuned}, encoder_state=ckpt.encoder_state,
+                           dtype=dtype)
+
+
 def _to_storage(path: Path, name: str, tensor: Tensor, dtype: torch.dtype) -> Tensor:
     tensor = tensor.detach().to("cpu")
     if not tensor.is_floating_point():

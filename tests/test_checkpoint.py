@@ -415,3 +415,19 @@ def test_uploaded_checkpoint_is_validated_before_it_reaches_the_folder(saved, tm
 def test_upload_file_name_is_ascii_short_and_inside_the_folder(raw, kept):
     from core.checkpoint import upload_file_name
     assert upload_file_name(raw) == kept
+
+
+def test_store_decoding_defaults_keeps_the_weights_bit_for_bit(tiny_checkpoint, tmp_path):
+    """Tuned decoding defaults are written into a copy of the checkpoint; its tensors are unchanged."""
+    import shutil
+
+    from core.checkpoint import store_decoding_defaults
+    from core.decoding import DecodingConfig
+    path = shutil.copyfile(tiny_checkpoint, tmp_path / "tuned.safetensors")
+    before = load_checkpoint(path)
+    tuned = DecodingConfig(beam_size=5, length_penalty=0.5, max_length=22)
+    store_decoding_defaults(path, tuned.to_dict(), {"split": "dev", "by": "CIDEr-D"})
+    after = load_checkpoint(path)
+    assert after.metadata.decoding_config() == tuned and after.training["decoding_tuned"]["by"] == "CIDEr-D"
+    assert after.metadata.tensors_sha256 == before.metadata.tensors_sha256
+    assert all(torch.equal(a, b) for a, b in zip(after.model.state_dict().values(), before.model.state_dict().values()))
