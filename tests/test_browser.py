@@ -333,6 +333,8 @@ def test_a_1x50000_png_on_the_attention_page(server, browser, expected):
             .map(img => [img.naturalWidth, img.naturalHeight])""")
         assert len(sizes) >= 3 and all(w * h <= 16_000_000 and h <= 4096 for w, h in sizes), sizes
         print(f"server peak RSS after the strip: {server.peak_rss_mb():.0f} MB; images {sizes}")
+    finally:
+        page.context.close()
 
 
 def click_button(page, label: str, timeout_s: float) -> None:
