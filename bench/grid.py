@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         out["timings"] = result.timings
 
     def naive() -> None:
-        out["naive"] = [score_split(caption_split(captioner, items, config, features_dir=args.features, split="dev"),
+        out["naive"] = [score_split(caption_split(captioner, items, config, features_dir=args.features, split="dev").captions,
                                     items, with_meteor=True).corpus for config in settings]
 
     times = interleaved({"grid": grid, "naive": naive}, args.grid_repeats)
