@@ -8,15 +8,18 @@
 Axes are `DecodingConfig` field names, so any knob the config gains becomes a grid axis without changes
 here. What makes a grid fast: captions come from the feature cache in large batches; settings that decode
 identically are decoded once (greedy search ignores the length penalty: with one hypothesis there is
-nothing to rank); all settings are scored together by `core.batch_metrics` (one PTB and one METEOR JVM,
-each distinct caption scored once). Under torchrun the settings are sharded across ranks and rank 0
-gathers the captions and scores them.
+nothing to rank); beam settings that differ only in α share one beam search (`beam_search_penalties`: α
+only ranks finished hypotheses and decides when to stop, so each α still gets exactly its lone search's
+captions); all settings are scored together by `core.batch_metrics` (one PTB and one METEOR JVM, each
+distinct caption scored once). Under torchrun the searches are sharded across ranks and rank 0 gathers
+the captions and scores them.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -25,7 +28,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core import corpus
 from core.batch_metrics import score_caption_sets, start_meteor
+from core.beam_search import beam_search_penalties
 from core.data import ImageCaptions
 from core.decoding import DecodingConfig
 from core.errors import ConfigError
@@ -114,6 +119,14 @@ def decode_key(config: DecodingConfig) -> tuple:
     return _key(config)
 
 
+def search_key(config: DecodingConfig) -> tuple:
+    """Settings with equal keys are served by one search: beam settings that differ only in α (see
+    `beam_search_penalties`); any other setting is its own search (its `decode_key`)."""
+    if config.mode == "beam":
+        return _key(dataclasses.replace(config, length_penalty=0.0))
+    return decode_key(config)
+
+
 # -- statistics of one setting's captions -------------------------------------------------------------------
 
 def distinct_n(captions: Sequence[str], n: int) -> float:
@@ -154,32 +167,76 @@ def dist_info() -> tuple[int, int]:
 
 def decode_grid(captioner, items: Sequence[ImageCaptions], settings: Sequence[DecodingConfig], *,
                 features_dir: str | Path | None, split: str, cache=None, progress: Progress | None = None,
-                batch_size: int = 250) -> tuple[list[dict[str, dict]], list[float]] | None:
-    """Captions and decode seconds per setting. Under torchrun each rank decodes every world-th distinct
-    setting and rank 0 gets them all (the other ranks get None)."""
-    from core.corpus import caption_split
-
-    distinct: dict[tuple, int] = {}
+                batch_size: int = 250) -> tuple[list[dict[str, dict]], list[float], float] | None:
+    """Captions and decode seconds per setting (a shared search's seconds for each setting it served), and
+    the total decode seconds. Under torchrun each rank runs every world-th search and rank 0 gets them all
+    (the other ranks get None)."""
+    searches: dict[tuple, list[DecodingConfig]] = {}      # search -> its distinct settings (one per α)
     for config in settings:
-        distinct.setdefault(decode_key(config), len(distinct))
-    todo = list({decode_key(c): c for c in settings}.values())
+        group = searches.setdefault(search_key(config), [])
+        if all(decode_key(c) != decode_key(config) for c in group):
+            group.append(config)
+    todo = list(searches.values())
     rank, world = dist_info()
     mine = [k for k in range(len(todo)) if k % world == rank]
-    done: dict[int, tuple[dict, float]] = {}
+    done: dict[tuple, tuple[dict, float]] = {}
     n = len(items)
     for step, k in enumerate(mine):
         report = (lambda d, t, s=step: progress(s * n + d, len(mine) * n)) if progress else None
-        run = caption_split(captioner, items, todo[k], features_dir=features_dir, split=split, cache=cache,
-                            progress=report, batch_size=batch_size)
-        done[k] = (run.captions, float(run.decode_s))
+        runs = caption_split_shared(captioner, items, todo[k], features_dir=features_dir, split=split,
+                                    cache=cache, progress=report, batch_size=batch_size)
+        done.update((decode_key(c), (run.captions, float(run.decode_s))) for c, run in zip(todo[k], runs))
     if world > 1:
         gathered: list | None = [None] * world if rank == 0 else None
         torch.distributed.gather_object(done, gathered, dst=0)
         if rank != 0:
             return None
         done = {k: v for part in gathered for k, v in part.items()}
-    per_setting = [done[distinct[decode_key(c)]] for c in settings]
-    return [p[0] for p in per_setting], [p[1] for p in per_setting]
+    per_setting = [done[decode_key(c)] for c in settings]
+    total = sum(done[decode_key(group[0])][1] for group in todo)
+    return [p[0] for p in per_setting], [p[1] for p in per_setting], float(total)
+
+
+def caption_split_shared(captioner, items: Sequence[ImageCaptions], configs: Sequence[DecodingConfig], *,
+                         features_dir: str | Path | None, split: str, cache=None, progress: Progress | None = None,
+                         batch_size: int = 250) -> list:
+    """`corpus.caption_split` of each config, for configs that one search serves (equal `search_key`): beam
+    settings differing only in α run one `beam_search_penalties`. Each result is cached as caption_split
+    caches it (and read from there when every config is cached)."""
+    if len(configs) == 1 or configs[0].mode != "beam":
+        return [corpus.caption_split(captioner, items, c, features_dir=features_dir, split=split, cache=cache,
+                                     progress=progress, batch_size=batch_size) for c in configs]
+    names = [it.image for it in items]
+    runs = [corpus._split_run(captioner, c, split, names, cache) for c in configs]
+    hits = [run.finished() for run in runs]
+    if all(hit is not None for hit in hits):
+        if progress:
+            progress(len(names), len(names))
+        return hits
+    store = corpus._open_store(captioner, features_dir, split)
+    row = store.index_of() if store is not None else {}
+    sources: set[str] = set()
+    done: list[dict[str, dict]] = [{} for _ in configs]
+    elapsed = 0.0
+    batches = corpus._feature_batches(captioner, items, store, row, batch_size, sources)
+    while True:
+        t0 = time.perf_counter()
+        got = next(batches, None)
+        if got is None:
+            break
+        chunk, feats = got
+        per_alpha = beam_search_penalties(captioner.model, feats.to(captioner.device).float(), configs[0],
+                                          [c.length_penalty for c in configs], captioner.vocab)
+        for captions, nbests in zip(done, per_alpha):
+            captions.update((it.image, corpus._entry(captioner.vocab, nbest[0])) for it, nbest in zip(chunk, nbests))
+        elapsed += time.perf_counter() - t0
+        if progress:
+            progress(len(done[0]), len(names))
+    results = [corpus.SplitCaptions({n: captions[n] for n in names}, elapsed, "+".join(sorted(sources)) or "cache")
+               for captions in done]
+    for run, result in zip(runs, results):
+        run.save(result)
+    return results
 
 
 def evaluate_grid(captioner, items: Sequence[ImageCaptions], settings: Sequence[DecodingConfig],
@@ -205,11 +262,11 @@ def evaluate_grid(captioner, items: Sequence[ImageCaptions], settings: Sequence[
         raise
     if decoded is None:
         return None
-    captions, times = decoded
+    captions, times, decode_s = decoded
     labels = _unique_labels([setting_label(c, axes) for c in settings])
     references = {it.image: list(it.captions) for it in items}
     metrics = [m for m in METRIC_NAMES if with_meteor or m != "METEOR"]
-    timings: dict = {"decode": float(sum(dict(zip(map(decode_key, settings), times)).values()))}
+    timings: dict = {"decode": decode_s}
     scores = score_caption_sets({label: {n: e["caption"] for n, e in caps.items()}
                                  for label, caps in zip(labels, captions)}, references, metrics=metrics,
                                 tokenizer=tokenizer, meteor=meteor, timings=timings)

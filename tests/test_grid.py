@@ -105,6 +105,33 @@ def test_each_row_equals_scoring_that_setting_alone(tiny_grid, tiny_features):
         assert row["decode_s"] >= 0 and row["images"] == 8
 
 
+def test_beam_settings_that_differ_only_in_alpha_share_one_search(tiny_checkpoint, tiny_flickr, tiny_features,
+                                                                   tmp_path, monkeypatch):
+    import core.grid
+    from core.corpus import CaptionCache
+
+    calls = []
+    shared = core.grid.beam_search_penalties
+    monkeypatch.setattr(core.grid, "beam_search_penalties",
+                        lambda *a, **k: calls.append(a[3]) or shared(*a, **k))
+    captioner = Captioner.from_checkpoint(tiny_checkpoint, encoder_weights="imagenet", device="cpu")
+    items = load_dataset(tiny_flickr).split("dev")
+    penalties = [0.0, 0.5, 1.0, 2.0]
+    settings = build_grid(DecodingConfig(max_length=8), {"beam_size": [3], "length_penalty": penalties})
+    cache = CaptionCache(tmp_path / "cache")
+    result = evaluate_grid(captioner, items, settings, ["beam_size", "length_penalty"], features_dir=tiny_features,
+                           split="dev", tokenizer="simple", with_meteor=False, cache=cache)
+    assert calls == [penalties]                                   # one search (8 images: one batch) for all α
+    assert len(set(result.table["decode_s"])) == 1                # each row reports the shared search's time
+    for config, label in zip(settings, result.labels):          # exactly what each setting gives alone
+        assert result.captions[label] == caption_split(captioner, items, config, features_dir=tiny_features,
+                                                       split="dev").captions
+        assert caption_split(captioner, items, config, split="dev", cache=cache).from_cache   # cached per setting
+    again = evaluate_grid(captioner, items, settings, ["beam_size", "length_penalty"], features_dir=tiny_features,
+                          split="dev", tokenizer="simple", with_meteor=False, cache=cache)
+    assert calls == [penalties] and again.captions == result.captions
+
+
 def test_changed_images_lists_only_differing_captions_biggest_change_first(tiny_grid):
     _, items, result = tiny_grid
     # a 2-token limit truncates every caption, so every image changes against the normal setting
