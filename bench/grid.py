@@ -1,8 +1,9 @@
 """Bench 6 — a decoding grid: 3 beam widths × 3 length penalties × 2 no-repeat sizes over 1,000 dev images,
 from cached features, all seven metrics (METEOR included).
 
-Fast: `core.grid.evaluate_grid` (large decode batches, greedy decoded once for all α, every setting scored
-in one PTB and one METEOR JVM, each distinct caption scored once). Baseline: the settings one after another,
+Fast: `core.grid.evaluate_grid` (large decode batches, greedy decoded once for all α, one beam search for
+all α of a width and no-repeat size, every setting scored in one PTB and one METEOR JVM, each distinct
+caption scored once). Baseline: the settings one after another,
 naively: `caption_split` + `score_split` per setting (a tokenizer and a METEOR JVM per setting). Both must
 give the same corpus scores. Target: the grid in <= 3 min on this machine.
 """
@@ -38,8 +39,9 @@ def run(args: argparse.Namespace) -> list[Row]:
         out["timings"] = result.timings
 
     def naive() -> None:
-        out["naive"] = [score_split(caption_split(captioner, items, config, features_dir=args.features, split="dev").captions,
-                                    items, with_meteor=True).corpus for config in settings]
+        out["naive"] = [score_split(caption_split(captioner, items, config, features_dir=args.features,
+                                                  split="dev").captions, items, with_meteor=True).corpus
+                        for config in settings]
 
     times = interleaved({"grid": grid, "naive": naive}, args.grid_repeats)
     same = sum(all(abs(a[m] - b.get(m, float("nan"))) < 1e-9 for m in a) and a.keys() == b.keys()
