@@ -28,7 +28,7 @@ label_b = c2.selectbox("Checkpoint B", labels, key=f"{P}cmp_b", help="Deltas are
 if a is None or b is None:
     st.error(error_a or error_b)
     st.stop()
-if label_a == label_b:
+if label_a == label_b or a.checkpoint_id == b.checkpoint_id:      # an uploaded copy is the same checkpoint
     st.caption("A and B are the same checkpoint: every delta is zero.")
 # deterministic settings for both: the sidebar's beam search (sampling would compare two random draws)
 decoding = dataclasses.replace(state.decoding(), do_sample=False, num_return_sequences=1)
