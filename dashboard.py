@@ -22,6 +22,7 @@ PAGES = [
     st.Page(HERE / "pages" / "presentation.py", title="Presentation", icon=":material/slideshow:"),
     st.Page(HERE / "pages" / "beams.py", title="Beam comparison", icon=":material/compare_arrows:"),
     st.Page(HERE / "pages" / "browser.py", title="Flickr8K browser", icon=":material/photo_library:"),
+    st.Page(HERE / "pages" / "compare.py", title="Compare checkpoints", icon=":material/difference:"),
     st.Page(HERE / "pages" / "model_card.py", title="Model card", icon=":material/description:"),
 ]
 

@@ -3,6 +3,7 @@
     python -m bench                              # the full suite on the bundled checkpoint + Flickr8K caches
     python -m bench --only decoding --images 1000 --repeats 3
     python -m bench --quick --synthetic          # a short smoke run that needs no data (what the tests run)
+    python -m bench --only grid                  # the decoding grid against its settings run one by one
     python -m bench --runs 3                     # three whole runs in fresh processes: per figure, the median run
     python -m bench --only first_visit dashboard --images 1000   # the first Flickr8K visit, cold start, load
 """
@@ -25,7 +26,7 @@ import torch
 
 from bench.common import DEFAULT_CHECKPOINT, DEFAULT_DATA, DEFAULT_FEATURES, Row, median_rows, print_table
 
-BENCHES = ("decoding", "upload", "features", "train_step", "dashboard", "first_visit", "faithfulness")
+BENCHES = ("decoding", "upload", "features", "train_step", "dashboard", "first_visit", "faithfulness", "grid")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="features: DataLoader workers of the fast path (default: core.features' choice)")
     p.add_argument("--train-steps", type=int, default=5, help="train_step: timed steps")
     p.add_argument("--batch-size", type=int, default=64, help="train_step: batch size")
+    p.add_argument("--grid-images", type=int, default=1000, help="grid: dev images")
+    p.add_argument("--grid-repeats", type=int, default=1, help="grid: timed runs of each side (each takes minutes)")
     p.add_argument("--faith-images", type=int, default=100, help="faithfulness: dev images (feature space)")
     p.add_argument("--naive-images", type=int, default=2, help="faithfulness: images the naive loop runs on")
     p.add_argument("--pixel-step", type=int, default=7, help="faithfulness: regions per pixel-space curve point")
@@ -55,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.images, args.uploads = 1, 8, 3
+        args.repeats, args.images, args.uploads, args.grid_images = 1, 8, 3, 8
         args.feature_images, args.train_steps, args.batch_size, args.decode_batch = 8, 1, 8, 8
         args.faith_images, args.naive_images, args.pixel_step = 2, 1, 25
     if not args.synthetic and not (args.checkpoint.is_file() and args.features.is_dir()):

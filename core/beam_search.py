@@ -16,10 +16,17 @@ attention beside the fused kernel. Both follow the same rules, so they return th
   (Hamming diversity), and scores carry that penalty. The n-best list is the best of all groups' hypotheses;
   an image stops when no live beam of any group can beat its n-th best.
 * The per-step rules of repetition_penalty, min_length and bad_words are `core.logits_rules`'.
+* The length penalty α never steers the live beams (they are ranked by summed log-prob): it only scores the
+  finished hypotheses, decides which K are kept, and decides when an image stops. So one search can serve
+  several α (`beam_search_penalties`): each α keeps its own finished lists and its own stopped images (an
+  image stopped for α is frozen for α, as a lone search would have dropped it), and the live beams run
+  until every α has stopped. Each α gets exactly the n-best of a search run with that α alone.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -102,6 +109,15 @@ class _Finished:
 
 
 @dataclass
+class _Ranking:
+    """What one length penalty α decides: the setting with that α, its K best finished hypotheses per image
+    and group, and the images it has stopped (frozen from then on, as a lone search would drop them)."""
+    config: DecodingConfig
+    finished: _Finished
+    stopped: Tensor          # (B,) bool
+
+
+@dataclass
 class _Live:
     """The beams still searching: K decoder rows per active image, in image order."""
     images: Tensor          # (A,) which images
@@ -126,25 +142,36 @@ def beam_search(model: nn.Module, features: Tensor, config: DecodingConfig,
     group over its K/G*V extensions of every image; images that stop leave the batch, so the rest run faster.
     `vocab` (the checkpoint's Vocabulary) is needed only for bad_words.
     """
+    return beam_search_penalties(model, features, config, [config.length_penalty], vocab)[0]
+
+
+def beam_search_penalties(model: nn.Module, features: Tensor, config: DecodingConfig,
+                          length_penalties: Sequence[float],
+                          vocab: Vocabulary | None = None) -> list[list[list[Hypothesis]]]:
+    """One batched beam search, read under each length penalty α: per α (in order), exactly what
+    `beam_search` returns for `config` with that α (the module docstring says why α can share the search).
+    Costs about the search of the α that stops last, plus a finished-list merge per α and step."""
     rules = LogitsRules.of(config, vocab)
     features = check_features(model, features)
     B, L, _ = features.shape
     if B == 0:
-        return []
+        return [[] for _ in length_penalties]
     K, T, G = config.beam_size, config.max_length, config.num_beam_groups
+    rankings = [_Ranking(dataclasses.replace(config, length_penalty=float(a)),
+                         _Finished(features.new_full((B * G, K // G), NEG_INF),  # row b*G + g: image b, group g
+                                   torch.zeros((B * G, K // G), dtype=torch.long, device=features.device),
+                                   BeamHistories.zeros((B * G, K // G), T, L, features)),
+                         torch.zeros(B, dtype=torch.bool, device=features.device)) for a in length_penalties]
     with eval_mode(model):
         live = _start(model, features, K, G, T)
-        finished = _Finished(features.new_full((B * G, K // G), NEG_INF),      # row b*G + g: image b, group g
-                             torch.zeros((B * G, K // G), dtype=torch.long, device=features.device),
-                             BeamHistories.zeros((B * G, K // G), T, L, features))
         for t in range(T):
-            live = _step(model, live, finished, t, config, rules)
+            live = _step(model, live, rankings, t, config, rules)
             if t == T - 1:
-                return _collect(finished, live, config)
-            live = _drop_stopped(live, finished, t, config)
+                return [_collect(r.finished, live, r.config, r.stopped) for r in rankings]
+            live = _drop_stopped(live, rankings, t, config)
             if live is None:
                 break
-    return _collect(finished, None, config)
+    return [_collect(r.finished, None, r.config, r.stopped) for r in rankings]
 
 
 def _start(model: nn.Module, features: Tensor, K: int, G: int, T: int) -> _Live:
@@ -158,7 +185,7 @@ def _start(model: nn.Module, features: Tensor, K: int, G: int, T: int) -> _Live:
                  BeamHistories.zeros((B * K,), T, L, features))
 
 
-def _step(model: nn.Module, live: _Live, finished: _Finished, t: int, config: DecodingConfig,
+def _step(model: nn.Module, live: _Live, rankings: list[_Ranking], t: int, config: DecodingConfig,
           rules: LogitsRules) -> _Live:
     """One time step for every active image, group after group: rank the group's extensions, finish the
     <end> ones, advance the rest. A group's scores lose diversity_penalty per earlier group's new beam that
@@ -177,7 +204,7 @@ def _step(model: nn.Module, live: _Live, finished: _Finished, t: int, config: De
             tokens, sums = torch.cat([k[1] for k in kept], 1), torch.cat([k[3] for k in kept], 1)
             counts = diversity_counts(tokens, torch.isfinite(sums), V)
             group = group - config.diversity_penalty * counts.unsqueeze(1)
-        kept.append(_rank_group(group, g, logp, live, finished, t, config, alpha, beta))
+        kept.append(_rank_group(group, g, logp, live, rankings, t, config, alpha, beta))
     rows, tokens, token_lp, sums = (torch.cat(parts, 1).reshape(-1) for parts in zip(*kept))
     hist = live.hist.extend(rows, t, tokens, token_lp, alpha, beta)
     # beams never leave their image and the K rows of an image share its features: only h, c are reordered
@@ -185,10 +212,11 @@ def _step(model: nn.Module, live: _Live, finished: _Finished, t: int, config: De
     return _Live(live.images, sums.view(A, K), tokens, state, hist)
 
 
-def _rank_group(group: Tensor, g: int, logp: Tensor, live: _Live, finished: _Finished, t: int,
+def _rank_group(group: Tensor, g: int, logp: Tensor, live: _Live, rankings: list[_Ranking], t: int,
                 config: DecodingConfig, alpha: Tensor, beta: Tensor) -> tuple[Tensor, ...]:
-    """Group g's step: its (A, Kg, V) candidate scores -> finished <end>s, and its Kg next beams as
-    (decoder rows, tokens, token log-probs, summed scores), each (A, Kg)."""
+    """Group g's step: its (A, Kg, V) candidate scores -> finished <end>s (scored and kept under each α that
+    has not stopped the image), and its Kg next beams as (decoder rows, tokens, token log-probs, summed
+    scores), each (A, Kg)."""
     A, Kg, V = group.shape
     K = live.logp.shape[1]
     top_score, top_idx = group.reshape(A, Kg * V).topk(min(2 * Kg, Kg * V), dim=1)
@@ -200,11 +228,18 @@ def _rank_group(group: Tensor, g: int, logp: Tensor, live: _Live, finished: _Fin
     # 1) <end> among the group's top Kg ranks -> finished
     new = is_end[:, :Kg] & torch.isfinite(top_score[:, :Kg])
     if bool(new.any()):
-        score = torch.where(new, top_score[:, :Kg] / length_penalty_factor(t + 1, config.length_penalty),
-                            torch.full_like(top_score[:, :Kg], NEG_INF))
         hist = live.hist.extend(rows[:, :Kg], t, top_tok[:, :Kg], top_lp[:, :Kg], alpha, beta)
-        finished.merge(live.images * config.num_beam_groups + g, score, torch.full_like(top_tok[:, :Kg], t + 1),
-                       hist)
+        length = torch.full_like(top_tok[:, :Kg], t + 1)
+        targets = live.images * config.num_beam_groups + g
+        for ranking in rankings:
+            score = torch.where(new, top_score[:, :Kg] / length_penalty_factor(t + 1, ranking.config.length_penalty),
+                                torch.full_like(top_score[:, :Kg], NEG_INF))
+            open_ = ~ranking.stopped[live.images]
+            if bool(open_.all()):
+                ranking.finished.merge(targets, score, length, hist)
+            elif bool((new & open_.unsqueeze(1)).any()):
+                idx = open_.nonzero().squeeze(1)
+                ranking.finished.merge(targets[idx], score[idx], length[idx], hist.select(idx))
 
     # 2) the Kg best non-<end> candidates live on (at most Kg of the 2Kg are <end>: one per beam)
     width = top_score.shape[1]
@@ -215,21 +250,30 @@ def _rank_group(group: Tensor, g: int, logp: Tensor, live: _Live, finished: _Fin
             top_score.gather(1, keep).masked_fill(key >= width, NEG_INF))
 
 
-def _drop_stopped(live: _Live, finished: _Finished, t: int, config: DecodingConfig) -> _Live | None:
-    """Remove the images whose n-th best finished hypothesis (over all groups) no live beam can beat (None:
-    all stopped)."""
-    lp, T, K = config.length_penalty, config.max_length, config.beam_size
-    bound = live.logp.max(dim=1).values / max(length_penalty_factor(t + 2, lp), length_penalty_factor(T, lp))
-    nth_best = finished.score.view(-1, K)[live.images].topk(config.num_return_sequences, dim=1).values[:, -1]
-    done = (bound <= nth_best) | torch.isneginf(bound)
+def _drop_stopped(live: _Live, rankings: list[_Ranking], t: int, config: DecodingConfig) -> _Live | None:
+    """Stop, under each α, the images whose n-th best finished hypothesis (over all groups) no live beam can
+    beat; remove those stopped under every α (None: all stopped)."""
+    T, K = config.max_length, config.beam_size
+    best_live = live.logp.max(dim=1).values
+    done = torch.ones_like(live.images, dtype=torch.bool)
+    for ranking in rankings:
+        lp = ranking.config.length_penalty
+        bound = best_live / max(length_penalty_factor(t + 2, lp), length_penalty_factor(T, lp))
+        nth_best = ranking.finished.score.view(-1, K)[live.images].topk(config.num_return_sequences,
+                                                                         dim=1).values[:, -1]
+        stopped = ranking.stopped[live.images] | (bound <= nth_best) | torch.isneginf(bound)
+        ranking.stopped[live.images] = stopped
+        done &= stopped
     if not bool(done.any()):
         return live
     keep = (~done).nonzero().squeeze(1)
     return live.keep_images(keep, K) if keep.numel() else None
 
 
-def _collect(finished: _Finished, ran_out: _Live | None, config: DecodingConfig) -> list[list[Hypothesis]]:
-    """Python objects, once, at the end: the n best of finished + (if max_length was hit) unfinished beams."""
+def _collect(finished: _Finished, ran_out: _Live | None, config: DecodingConfig,
+             stopped: Tensor) -> list[list[Hypothesis]]:
+    """Python objects, once, at the end: the n best of finished + (if max_length was hit) the unfinished beams
+    of the images this α had not stopped."""
     G, K = config.num_beam_groups, config.beam_size
     Kg, B = K // G, finished.score.shape[0] // G
     scores, lengths = finished.score.view(B, K).cpu().numpy(), finished.length.view(B, K).cpu().numpy()
@@ -243,9 +287,9 @@ def _collect(finished: _Finished, ran_out: _Live | None, config: DecodingConfig)
     if ran_out is not None:
         T = config.max_length
         penalty = length_penalty_factor(T, config.length_penalty)
-        logp, rows = ran_out.logp.cpu().numpy(), ran_out.hist.numpy()
+        logp, rows, frozen = ran_out.logp.cpu().numpy(), ran_out.hist.numpy(), stopped.cpu().numpy()
         for i, b in enumerate(ran_out.images.tolist()):
-            for k in range(K):
+            for k in range(K if not frozen[b] else 0):
                 if np.isfinite(logp[i, k]):
                     candidates[b].append(rows.hypothesis((i * K + k,), T, False, float(logp[i, k]) / penalty))
     # stable sort: on equal scores a finished hypothesis (added first) wins

@@ -1,4 +1,5 @@
-"""Beam comparison: one image at several beam widths, and a corpus sweep of BLEU-4 / CIDEr-D vs width."""
+"""Beam comparison: one image at several beam widths, a decoding grid (widths × length penalty × no-repeat
+n-gram: table, charts, two settings image by image) and a corpus sweep of BLEU-4 / CIDEr-D vs width."""
 import dataclasses
 
 import pandas as pd
@@ -6,7 +7,7 @@ import streamlit as st
 
 from core.errors import CaptionScopeError
 from core.images import fit_for_display
-from ui import cache, links, sidebar, state, widgets
+from ui import cache, grid_view, links, sidebar, state, widgets
 
 WIDTHS = list(range(1, 11))
 
@@ -57,13 +58,17 @@ if item is not None and widths:
 elif not widths:
     st.info("Pick at least one beam width.")
 
-st.subheader("Flickr8K dev: scores vs beam width")
 dataset, error = state.get_dataset()
 if dataset is None:
     st.info(error)
     st.stop()
 split = dataset.browse_split
 items = dataset.splits[split] if split else []
+if items:
+    st.subheader(f"Flickr8K {split}: a decoding grid")
+    grid_view.render(captioner, items, split, base)
+
+st.subheader("Flickr8K dev: scores vs beam width")
 if not items or not widths:
     st.info(f"The {split} split is empty." if not items else "Pick at least one beam width.")
     st.stop()

@@ -1,21 +1,23 @@
-"""Flickr8K browser: the dev split captioned and scored; search, sort (worst first), page, inspect one image."""
+"""Flickr8K browser: the dev split captioned and scored; search, sort (worst first), page, inspect one image;
+the failure finder (unsupported words, reference matches, the model's language against the references')."""
 import dataclasses
 import math
 
 import streamlit as st
 
-from core import corpus
+from core import corpus, failures
 from core.errors import CaptionScopeError
 from core.images import fit_for_display
 from core.io_utils import printable_name
 from core.metrics import METRIC_NAMES
-from ui import cache, links, sidebar, state, widgets
+from ui import cache, failures_view, links, sidebar, state, widgets
 from ui.cache import ImageInput
 
 SORTS = {
     "CIDEr-D, worst first": ("CIDEr-D", True), "CIDEr-D, best first": ("CIDEr-D", False),
     "BLEU-4, worst first": ("BLEU-4", True), "BLEU-4, best first": ("BLEU-4", False),
     "METEOR, worst first": ("METEOR", True), "METEOR, best first": ("METEOR", False),
+    "Unsupported words, most first": ("unsupported_count", False),
     "Caption length, shortest first": ("length", True), "Caption length, longest first": ("length", False),
     "Image name": ("image", True),
 }
@@ -49,7 +51,11 @@ for note in scores.notes:
     st.caption(note)
 
 # -- table controls ----------------------------------------------------------------------------------------------
-table = corpus.browse_table(items, predictions, scores)
+table = failures.with_unsupported(corpus.browse_table(items, predictions, scores))
+st.subheader("Failure finder")
+unsupported_word, only_unsupported = failures_view.corpus_panel(table)
+with st.expander("What the model says against what people say"):
+    failures_view.language_panel(items, predictions)
 widgets.init_state(f"{P}browse_sort", next(iter(SORTS)), SORTS)
 widgets.init_state(f"{P}browse_where", next(iter(WHERE)), WHERE)
 widgets.init_state(f"{P}browse_query", "")
@@ -61,7 +67,8 @@ where = c2.selectbox("in", list(WHERE), key=f"{P}browse_where")
 sort = c3.selectbox("Sort", list(SORTS), key=f"{P}browse_sort")
 page_size = c4.selectbox("Rows", (10, 25, 50, 100), key=f"{P}browse_page_size")
 sort_by, ascending = SORTS[sort]
-shown = corpus.filter_table(table, query, WHERE[where], sort_by, ascending)
+shown = failures_view.apply_filter(corpus.filter_table(table, query, WHERE[where], sort_by, ascending),
+                                   unsupported_word, only_unsupported)
 pages = max(1, math.ceil(len(shown) / page_size))
 widgets.init_state(f"{P}browse_page", 1)
 st.session_state[f"{P}browse_page"] = min(max(int(st.session_state[f"{P}browse_page"]), 1), pages)
@@ -77,18 +84,20 @@ rows = shown.iloc[(page - 1) * page_size: page * page_size].copy()
 rows.insert(0, "thumbnail", [widgets.thumbnail_uri(p, widgets.mtime_ns(p)) for p in rows["path"]])
 for metric in corpus.TABLE_METRICS:
     rows[metric] = rows[metric] * 100
-table_key = f"browse_table_{page}_{page_size}_{sort}_{where}_{query}"
+table_key = f"browse_table_{page}_{page_size}_{sort}_{where}_{query}_{unsupported_word}_{only_unsupported}"
 # pixel widths that fit the 1280 px layout beside the sidebar without sideways scrolling; the file name
 # and the full references are in the details below (double-clicking a cell also shows all of it)
 selection = st.dataframe(
-    rows[["thumbnail", "caption", *corpus.TABLE_METRICS, "length", "references_text"]],
+    rows[["thumbnail", "caption", "unsupported", *corpus.TABLE_METRICS, "length", "references_text"]],
     hide_index=True, width="stretch", on_select="rerun", selection_mode="multi-row", key=table_key,
     row_height=64, column_config={
         "thumbnail": st.column_config.ImageColumn("", width=64),
-        "caption": st.column_config.TextColumn("Caption", width=250),
+        "caption": st.column_config.TextColumn("Caption", width=220),
+        "unsupported": st.column_config.TextColumn("Unsupported", width=100,
+                                                   help="Content words no reference of the image uses"),
         **{m: st.column_config.NumberColumn(m, format="%.1f", width=66) for m in corpus.TABLE_METRICS},
         "length": st.column_config.NumberColumn("Words", width=56),
-        "references_text": st.column_config.TextColumn("References", width=230),
+        "references_text": st.column_config.TextColumn("References", width=160),
     })
 selected_rows = selection.selection.rows if selection is not None and hasattr(selection, "selection") else []
 names = rows["image"].tolist()
@@ -120,7 +129,11 @@ except CaptionScopeError as e:
 pic, text = st.columns([2, 3])
 pic.image(fit_for_display(image), caption=printable_name(name), width="stretch")
 with text:
-    st.markdown(f"**Caption:** {widgets.escape_markdown(predictions[name]['caption'])}")
+    caption = predictions[name]["caption"]
+    flagged = entry["unsupported"].split(", ") if entry["unsupported"] else []
+    st.markdown(f"**Caption:** {failures_view.caption_with_unsupported(caption, flagged)}")
+    if flagged:
+        st.caption("On orange: words none of the references supports.")
     references = entry["references"]
     first = 0
     if len(references) > REFERENCES_PER_PAGE:      # the whole list would grow the page with the file
@@ -128,9 +141,9 @@ with text:
         ref_page = st.number_input(f"References page (of {ref_pages:,}; {len(references):,} references)", 1,
                                    ref_pages, step=1, key=f"browse_ref_page_{detail_key}_{name}")
         first = (int(ref_page) - 1) * REFERENCES_PER_PAGE
-    st.markdown("**References:**\n" + "\n".join(
-        f"{first + i + 1}. {widgets.escape_markdown(corpus.clip_text(ref))}"
-        for i, ref in enumerate(references[first:first + REFERENCES_PER_PAGE])))
+    st.markdown("**References** (and what BLEU matched in each):")
+    failures_view.reference_matches(caption, [corpus.clip_text(r) for r in
+                                              references[first:first + REFERENCES_PER_PAGE]], start=first)
     per = widgets.metric_row(scores.per_image.get(name, {}))
     st.table(widgets.metric_table([{"image": "×100", **per}], label="image").T)
 st.markdown("**Attention of each word**")

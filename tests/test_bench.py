@@ -6,7 +6,7 @@ import sys
 
 from conftest import REPO
 
-BENCHES = ("decoding", "upload", "features", "train_step", "dashboard", "first_visit", "faithfulness")
+BENCHES = ("decoding", "upload", "features", "train_step", "dashboard", "first_visit", "faithfulness", "grid")
 
 
 def test_quick_bench_prints_every_benchmarks_ratio_line():
@@ -20,6 +20,7 @@ def test_quick_bench_prints_every_benchmarks_ratio_line():
     for name in ("decoding", "upload", "features", "train_step", "first_visit", "faithfulness"):
         assert "failed" not in rows[name] and "x " in rows[name] + " ", rows[name]   # a measured ratio, e.g. 7.31x
     assert "skipped" in rows["dashboard"]                                           # --quick skips the browser
+    assert "skipped" in rows["grid"]                             # the grid needs the real checkpoint and dev split
     assert "identical captions 8/8" in done.stdout
 
 

@@ -48,10 +48,12 @@ SCREENSHOT_MODE = bool(SCREENSHOTS and os.environ.get("FLICKR8K_DIR"))
 PAGE_TIMEOUT_S = 900 if SCREENSHOT_MODE else 120     # the real dev split is captioned on the first visit
 PHOTO = REPO / "assets" / "examples" / "coffee.jpg"
 PAGES = ["Home", "Caption", "Attention", "Faithfulness", "Presentation", "Beam comparison", "Flickr8K browser",
+         "Compare checkpoints",
          "Model card"]
 # what only the finished page shows (the Flickr8K browser captions the whole split before drawing its table)
 READY = {"Beam comparison": '[data-testid="stMain"] [data-testid="stTable"]',
          "Flickr8K browser": '[data-testid="stMain"] h3:has-text("Details")',
+         "Compare checkpoints": '[data-testid="stMain"] h3:has-text("The dev split")',
          "Model card": '[data-testid="stMain"] [data-testid="stTable"]',
          "Home": '[data-testid="stMain"] [data-testid="stImage"] img'}
 
@@ -331,5 +333,40 @@ def test_a_1x50000_png_on_the_attention_page(server, browser, expected):
             .map(img => [img.naturalWidth, img.naturalHeight])""")
         assert len(sizes) >= 3 and all(w * h <= 16_000_000 and h <= 4096 for w, h in sizes), sizes
         print(f"server peak RSS after the strip: {server.peak_rss_mb():.0f} MB; images {sizes}")
+    finally:
+        page.context.close()
+
+
+def click_button(page, label: str, timeout_s: float) -> None:
+    page.locator('[data-testid="stMain"] button', has_text=label).first.click()
+    page.wait_for_timeout(300)
+    wait_idle(page, timeout_s)
+
+
+def test_grid_checkpoint_comparison_and_failure_finder_in_a_real_browser(server, browser):
+    """The new controls through real clicks: run the default 3×3×2 grid (table, both charts, two settings
+    side by side), compare the checkpoint with itself on the split, filter the browser to unsupported words."""
+    page = new_page(browser, f"{server.url}/beams", timeout_ms=PAGE_TIMEOUT_S * 1000)
+    main = '[data-testid="stMain"]'
+    try:
+        wait_idle(page, PAGE_TIMEOUT_S)
+        click_button(page, "Run the grid over 18 settings", PAGE_TIMEOUT_S)
+        page.locator(f"{main} [data-testid='stVegaLiteChart']").nth(1).wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+        assert page.get_by_text("Two settings, image by image").count() == 1
+        assert page.get_by_text("captions differ; biggest", exact=False).count() == 1
+        assert not error_boxes(page) and horizontal_overflow(page)["document"] <= 0
+
+        goto_page(page, "Compare checkpoints", PAGE_TIMEOUT_S, ready=READY["Compare checkpoints"])
+        assert page.get_by_text("same checkpoint: every delta is zero", exact=False).count() == 1
+        click_button(page, "Compare on", PAGE_TIMEOUT_S)
+        page.get_by_text("captions differ · by CIDEr-D", exact=False).first.wait_for(timeout=PAGE_TIMEOUT_S * 1000)
+        assert page.get_by_text("0 of 8 captions differ", exact=False).count() == 1
+        assert not error_boxes(page) and horizontal_overflow(page)["document"] <= 0
+
+        goto_page(page, "Flickr8K browser", PAGE_TIMEOUT_S, ready=READY["Flickr8K browser"])
+        assert page.get_by_text("Captions with an unsupported word").count() >= 1
+        page.locator(f"{main} [data-testid='stCheckbox']", has_text="Only captions with an unsupported word").first.click()
+        wait_idle(page, PAGE_TIMEOUT_S)
+        assert not error_boxes(page) and horizontal_overflow(page)["document"] <= 0
     finally:
         page.context.close()

@@ -106,6 +106,26 @@ def test_sharded_feature_extraction_equals_a_single_process_run(tiny_flickr, tin
     assert not list((out / "efficientnet_lite2").glob("*partial*"))      # shards merged and cleaned up
 
 
+def test_a_decoding_grid_sharded_over_two_ranks_equals_one_rank(tiny_checkpoint, tiny_flickr, tiny_features,
+                                                                tmp_path):
+    import pandas as pd
+
+    from conftest import run_cli
+
+    # 5 settings after greedy's alpha collapses: the ranks get different numbers of decodes
+    args = ["--checkpoint", str(tiny_checkpoint), "--data", str(tiny_flickr), "--features", str(tiny_features),
+            "--max-length", "8", "--beam", "1", "2", "3", "--length-penalty", "0", "1"]
+    torchrun("core.evaluate", [*args, "--out", str(tmp_path / "two")])
+    single = run_cli("core.evaluate", *args, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    two, one = (pd.read_csv(tmp_path / name / "grid.csv").drop(columns="decode_s") for name in ("two", "one"))
+    pd.testing.assert_frame_equal(two, one)
+    assert len(one) == 6
+    summary = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    for setting in summary["settings"]:
+        folder = setting["folder"]
+        assert (tmp_path / "two" / folder / "captions.csv").read_text() == \
+            (tmp_path / "one" / folder / "captions.csv").read_text()
 def test_sharded_faithfulness_equals_a_single_process_run(tiny_checkpoint, tiny_flickr, tiny_features, tmp_path):
     args = ["--checkpoint", str(tiny_checkpoint), "--data", str(tiny_flickr), "--split", "dev", "--limit", "5",
             "--features", str(tiny_features), "--beam", "1", "--step", "7", "--seeds", "2"]
