@@ -83,16 +83,20 @@ def caption_faithfulness(captioner, features: torch.Tensor, hypothesis: Hypothes
     sal = saliency.saliency_maps(captioner.model, features, caption)
     score = _scorer(captioner, features, caption, space, image, batch_size)
     fractions = saliency.deletion_points(L, step) / L
+    points = len(fractions)
     random = saliency.random_orders(L, seeds, seed)
-    rand_all = saliency.random_deletion_all_words(score, random, T, step=step)       # (seeds, points, T)
     orders = [(t, name, saliency.ranking(m[t])) for t in range(T)
               for name, m in (("attention", hypothesis.attention), ("saliency", sal))]
-    masks = np.concatenate([saliency.deletion_masks(o, step) for _, _, o in orders])
-    points = len(fractions)
-    upto = np.repeat([t for t, _, _ in orders], points)
-    lp = score(masks, upto, np.zeros(len(masks), dtype=bool))
-    p = np.exp(lp[np.arange(len(masks)), upto]).reshape(len(orders), points)
-    aucs: dict[tuple[int, str], float] = {(t, name): saliency.area_under(p[i], fractions)
+    # one request: random orders at every word (they do not depend on it), each named order at its word
+    masks = np.concatenate([saliency.deletion_masks(o, step) for o in list(random) + [o for _, _, o in orders]])
+    wanted = np.zeros((len(masks), T), dtype=bool)
+    wanted[: len(random) * points] = True
+    named_at = np.repeat([t for t, _, _ in orders], points)
+    wanted[len(random) * points + np.arange(len(named_at)), named_at] = True
+    p = np.exp(score(masks, wanted))
+    rand_all = p[: len(random) * points].reshape(len(random), points, T)             # (seeds, points, T)
+    p_named = p[len(random) * points + np.arange(len(named_at)), named_at].reshape(len(orders), points)
+    aucs: dict[tuple[int, str], float] = {(t, name): saliency.area_under(p_named[i], fractions)
                                           for i, (t, name, _) in enumerate(orders)}
     rows = []
     for t in range(T):

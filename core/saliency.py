@@ -138,30 +138,39 @@ class MaskedScorer:
         """(R, L + 1) weight of each precomputed row (the L regions, then the mean) for per-region weights."""
         return torch.cat([weights * own, (weights * mean).sum(1, keepdim=True)], dim=1)
 
-    def logprobs(self, removed: Tensor, upto: Tensor | None = None, every_step: Tensor | None = None) -> Tensor:
-        """removed: (R, L) bool, True = region replaced by the mean. See `logprobs_mixed`; the same numbers,
-        but each region's attention key is looked up (the region's own or the mean's), never mixed."""
+    def logprobs(self, removed: Tensor, upto: Tensor | None = None, every_step: Tensor | None = None,
+                 wanted: Tensor | None = None) -> Tensor:
+        """removed: (R, L) bool, True = region replaced by the mean. See `logprobs_mixed` (`wanted` (R, T)
+        bool, when given, says exactly which positions each row is scored at); the same numbers, but each
+        region's attention key is looked up (the region's own or the mean's), never mixed."""
         keep = ~removed.bool()
         regions = torch.where(keep, torch.arange(keep.shape[1]), keep.shape[1])     # row of self.keys per region
-        return self._run(keep.float(), (~keep).float(), upto, every_step, regions)
+        if wanted is None:
+            wanted = self._wanted(len(keep), upto, every_step)
+        return self._run(keep.float(), (~keep).float(), wanted.bool().cpu(), regions)
 
     def logprobs_mixed(self, own: Tensor, mean: Tensor, upto: Tensor | None = None,
                        every_step: Tensor | None = None) -> Tensor:
         """(R, T) log-probs, NaN where not asked for: row r is scored at position upto[r] (default: the
         last), and at every position up to it when every_step[r]. A row stops once past its upto."""
-        return self._run(own, mean, upto, every_step, None)
+        return self._run(own, mean, self._wanted(len(own), upto, every_step), None)
 
-    def _run(self, own: Tensor, mean: Tensor, upto: Tensor | None, every_step: Tensor | None,
-             regions: Tensor | None) -> Tensor:
-        m, D = self.model, self.model.config.decoder_dim
-        R, L = own.shape
+    def _wanted(self, R: int, upto: Tensor | None, every_step: Tensor | None) -> Tensor:
         T = len(self.caption)
         upto = torch.full((R,), T - 1, dtype=torch.long) if upto is None else upto.long().cpu()
         every = torch.zeros(R, dtype=torch.bool) if every_step is None else every_step.bool().cpu()
-        order = torch.argsort(upto, descending=True, stable=True)       # rows that stop early leave the batch
+        positions = torch.arange(T)
+        return (positions == upto[:, None]) | (every[:, None] & (positions < upto[:, None]))
+
+    def _run(self, own: Tensor, mean: Tensor, wanted: Tensor, regions: Tensor | None) -> Tensor:
+        m, D = self.model, self.model.config.decoder_dim
+        R, L = own.shape
+        T = len(self.caption)
+        last = torch.where(wanted.any(1), T - 1 - wanted.flip(1).int().argmax(1), -1)   # last wanted position
+        order = torch.argsort(last, descending=True, stable=True)       # rows that stop early leave the batch
         dev = self.att.device
         own, mean = own[order].to(dev), mean[order].to(dev)
-        upto_sorted, every_sorted = upto[order], every[order]
+        last_sorted, wanted_sorted = last[order], wanted[order]
         init_w = self._weights(own, mean, torch.full((R, L), 1.0 / L, device=dev))
         h = torch.addmm(m.init_h.bias, init_w, self.init_h)
         c = torch.addmm(m.init_c.bias, init_w, self.init_c)
@@ -172,7 +181,7 @@ class MaskedScorer:
             att = regions[order].to(dev)                                              # (R, L) rows of self.keys
         out = torch.full((R, T), float("nan"), dtype=torch.float32)
         for t in range(T):
-            n = int((upto_sorted >= t).sum())
+            n = int((last_sorted >= t).sum())
             if n == 0:
                 break
             h, c, att, own, mean = h[:n], c[:n], att[:n], own[:n], mean[:n]
@@ -182,7 +191,7 @@ class MaskedScorer:
             i, f, g, o = torch.addmm(self.gates_e[t], x, self.step_weight).chunk(4, dim=1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
-            rows = ((upto_sorted[:n] == t) | every_sorted[:n]).nonzero().squeeze(1)
+            rows = wanted_sorted[:n, t].nonzero().squeeze(1)
             if rows.numel():
                 r = rows.to(dev)
                 if m.config.deep_output:
@@ -389,43 +398,56 @@ def verdict_line(auc: dict[str, float], band: tuple[float, float], p_word: float
     return f"Attention ranks the regions that matter {chance}{tail} (lower area = the word loses its evidence sooner)."
 
 
-Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""score(masks (R, L) bool, wanted (R, T) bool) -> (R, T) log p of each caption token with the mask's regions
+removed, at least where wanted (NaN or a value elsewhere)."""
 
 
 def deletion_scores(score: Scorer, orders: dict[str, np.ndarray], random: np.ndarray, position: int, *,
                     step: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """p(word at `position`) along the deletion masks of each named order and of each random order.
 
-    Returns ({name: (points,) p}, (seeds, points) p). `score(masks, upto, every_step)` -> (R, T) log-probs.
+    Returns ({name: (points,) p}, (seeds, points) p).
     """
     orders_list = list(orders.values()) + list(random)
     masks = np.concatenate([deletion_masks(o, step) for o in orders_list])
-    upto = np.full(len(masks), position)
-    lp = score(masks, upto, np.zeros(len(masks), dtype=bool))[:, position]
+    wanted = np.zeros((len(masks), position + 1), dtype=bool)
+    wanted[:, position] = True
+    lp = score(masks, wanted)[:, position]
     p = np.exp(lp).reshape(len(orders_list), -1)
     return {name: p[i] for i, name in enumerate(orders)}, p[len(orders):]
 
 
-def random_deletion_all_words(score: Scorer, random: np.ndarray, T: int, *, step: int = 1) -> np.ndarray:
-    """(seeds, points, T): p of every word of the caption along each random order. A random order does not
-    depend on the word, so one teacher-forced pass per mask scores all T words at once."""
-    masks = np.concatenate([deletion_masks(o, step) for o in random])
-    lp = score(masks, np.full(len(masks), T - 1), np.ones(len(masks), dtype=bool))
-    return np.exp(lp).reshape(len(random), -1, T)
+def distinct_masks(masks: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct masks, the positions any copy of each wants, the index of each input row's distinct mask).
+    Deletion curves repeat masks a lot: every curve starts with none and ends with all regions removed,
+    and two words' or two methods' top-k (or bottom-k) sets often agree."""
+    packed = np.packbits(masks, axis=1)
+    _, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    merged = np.zeros((len(first), wanted.shape[1]), dtype=bool)
+    np.logical_or.at(merged, inverse, wanted)
+    return masks[first], merged, inverse
 
 
-def feature_scorer(model, features: Tensor, caption: Caption):
+def feature_scorer(model, features: Tensor, caption: Caption) -> Scorer:
+    """Feature-space deletion through `MaskedScorer`; each distinct mask is run once, scored at every
+    position any of its copies wants, and only as far as the last of them."""
     scorer = MaskedScorer(model, features.to(next(model.parameters()).device), caption)
+    T = len(caption)
 
-    def score(masks: np.ndarray, upto: np.ndarray, every: np.ndarray) -> np.ndarray:
+    def score(masks: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+        wanted = np.pad(wanted, ((0, 0), (0, T - wanted.shape[1])))
+        unique, merged, inverse = distinct_masks(np.asarray(masks, dtype=bool), wanted)
         with torch.inference_mode():
-            return scorer.logprobs(torch.from_numpy(masks), torch.from_numpy(upto), torch.from_numpy(every)).numpy()
+            lp = scorer.logprobs(torch.from_numpy(unique), wanted=torch.from_numpy(merged)).numpy()
+        return lp[inverse]
     return score
 
 
-def pixel_scorer(captioner, image: Image.Image, caption: Caption, *, batch_size: int = 16):
+def pixel_scorer(captioner, image: Image.Image, caption: Caption, *, batch_size: int = 16) -> Scorer:
     """Scores masks by greying the cells out and re-encoding; each distinct mask is encoded once."""
-    def score(masks: np.ndarray, upto: np.ndarray, every: np.ndarray) -> np.ndarray:
+    def score(masks: np.ndarray, wanted: np.ndarray) -> np.ndarray:
         unique, inverse = np.unique(masks, axis=0, return_inverse=True)
         feats = encode_masks(captioner, image, unique, batch_size=batch_size)
         with torch.inference_mode():
