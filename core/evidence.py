@@ -106,3 +106,37 @@ def caption_faithfulness(captioner, features: torch.Tensor, hypothesis: Hypothes
                      "auc_random": float(np.mean(rand_aucs)), "auc_random_low": float(np.min(rand_aucs)),
                      "auc_random_high": float(np.max(rand_aucs))})
     return rows
+
+
+def reference_caption_faithfulness(captioner, features: torch.Tensor, hypothesis: Hypothesis, *, seeds: int = 3,
+                                   seed: int = 0) -> list[dict]:
+    """`caption_faithfulness` in feature space, one region per point, the plain way: one backward through
+    `model.step` per word for saliency, one masked feature map and one teacher-forced pass per curve point.
+    Slow on purpose: what the fast path is tested against and `bench/` measures it against."""
+    caption = saliency.caption_of(captioner, hypothesis)
+    model, features = captioner.model, features.float().to(captioner.device)
+    T, L = len(caption), features.shape[0]
+    mean = features.mean(0)
+    sal = []
+    for t in range(T):
+        with torch.enable_grad():
+            x = features.clone().unsqueeze(0).requires_grad_(True)
+            (grad,) = torch.autograd.grad(saliency.teacher_forced_logprobs(model, x, caption)[0, t], x)
+        sal.append((grad[0] * features).sum(1).cpu().numpy())
+    random = saliency.random_orders(L, seeds, seed)
+    fractions = saliency.deletion_points(L, 1) / L
+    rows = []
+    with torch.inference_mode():
+        for t in range(T):
+            curves = []
+            for order in [saliency.ranking(hypothesis.attention[t]), saliency.ranking(sal[t]), *random]:
+                curve = []
+                for mask in saliency.deletion_masks(order):
+                    masked = torch.where(torch.from_numpy(mask).to(features.device)[:, None], mean, features)
+                    curve.append(float(saliency.teacher_forced_logprobs(model, masked[None], caption)[0, t].exp()))
+                curves.append(np.array(curve))
+            aucs = [saliency.area_under(c, fractions) for c in curves]
+            rows.append({"position": t, "word": _word(captioner, caption, t), "p_word": float(curves[0][0]),
+                         "auc_attention": aucs[0], "auc_saliency": aucs[1], "auc_random": float(np.mean(aucs[2:])),
+                         "auc_random_low": float(np.min(aucs[2:])), "auc_random_high": float(np.max(aucs[2:]))})
+    return rows

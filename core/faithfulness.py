@@ -18,9 +18,11 @@ import io
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -106,12 +108,58 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch's intra-op threads at 1 for the block (the process-wide setting, restored after). Scoring runs
+    thousands of small kernels per image: split across 2 threads on a machine where another process holds a
+    core, each waits for the descheduled one at every kernel's barrier, 20x slower than one thread (measured
+    on the shared 2-core machine); images in parallel use the cores instead."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def default_workers() -> int:
+    """Images scored at once in feature space: one per CPU core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:                     # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _score_images(captioner, items: Sequence[ImageCaptions], shard: np.ndarray, decoding: DecodingConfig,
+                  config: FaithfulnessConfig, store, workers: int, progress: Progress | None) -> list[dict]:
+    """image_rows of each image of the shard, in order; feature space from cached features runs `workers`
+    images at once on threads (torch releases the GIL in its kernels; the model is only read), each kernel
+    single-threaded."""
+    def one(i) -> list[dict]:
+        return image_rows(captioner, items[int(i)], decoding, config, store)
+    rows: list[dict] = []
+    # only from cached features: re-encoding (pixel space, or images the store lacks) stays on one thread,
+    # the encoder's first call compiles it
+    index = store.index_of() if store is not None else {}
+    cached = all(items[int(i)].image in index for i in shard)
+    parallel = workers > 1 and config.space == "feature" and len(shard) > 1 and cached
+    with single_threaded(), ThreadPoolExecutor(workers if parallel else 1) as pool:
+        results = pool.map(one, shard) if parallel else map(one, shard)
+        for done, part in enumerate(results, start=1):
+            rows += part
+            if progress:
+                progress(done, len(shard))
+    return rows
+
+
 def run_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingConfig, config: FaithfulnessConfig, *,
               features_dir: str | Path | None = None, split: str = "dev", progress: Progress | None = None,
-              cache=None) -> list[dict]:
+              cache=None, store=None, workers: int | None = None) -> list[dict]:
     """Rows for every generated word of `items`, in image order. Under torch.distributed each rank takes a
     contiguous shard and every rank gets the merged rows back (rank order = image order). `cache` (a
-    core.corpus.CaptionCache) keeps finished results keyed by everything that determines them."""
+    core.corpus.CaptionCache) keeps finished results keyed by everything that determines them. `store` (a
+    FeatureStore) is used instead of opening `features_dir`; `workers` images are scored at once in feature
+    space (default: one per core, one per rank under torch.distributed); the rows do not depend on it."""
     config.validate()
     names = [it.image for it in items]
     key = None
@@ -125,12 +173,9 @@ def run_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingConfi
             return hit
     rank, world = _dist()
     shard = np.array_split(np.arange(len(items)), world)[rank] if world > 1 else np.arange(len(items))
-    store = _store(captioner, features_dir, split)
-    rows: list[dict] = []
-    for done, i in enumerate(shard, start=1):
-        rows += image_rows(captioner, items[int(i)], decoding, config, store)
-        if progress:
-            progress(done, len(shard))
+    store = _store(captioner, features_dir, split) if store is None else store
+    workers = (default_workers() if world == 1 else 1) if workers is None else max(1, int(workers))
+    rows = _score_images(captioner, items, shard, decoding, config, store, workers, progress)
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, rows)
