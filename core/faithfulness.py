@@ -17,6 +17,7 @@ import csv
 import io
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -108,18 +109,29 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+_threads_lock = threading.Lock()
+_single_threaded_sections = [0, 0]      # sections open, torch's thread count before the first
+
+
 @contextmanager
 def single_threaded() -> Iterator[None]:
-    """torch's intra-op threads at 1 for the block (the process-wide setting, restored after). Scoring runs
+    """torch's intra-op threads at 1 for the block (the process-wide setting; the count from before the
+    first of overlapping blocks, e.g. two dashboard sessions, is restored when the last ends). Scoring runs
     thousands of small kernels per image: split across 2 threads on a machine where another process holds a
     core, each waits for the descheduled one at every kernel's barrier, 20x slower than one thread (measured
     on the shared 2-core machine); images in parallel use the cores instead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _threads_lock:
+        if _single_threaded_sections[0] == 0:
+            _single_threaded_sections[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_threaded_sections[0] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _threads_lock:
+            _single_threaded_sections[0] -= 1
+            if _single_threaded_sections[0] == 0:
+                torch.set_num_threads(_single_threaded_sections[1])
 
 
 def default_workers() -> int:
@@ -279,9 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--workers", type=int, default=None,
+                   help="images scored at once in feature space (default: one per CPU core; 1 per rank under torchrun)")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     config = FaithfulnessConfig(space=args.space, seeds=args.seeds, step=args.step)
@@ -291,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     captioner = Captioner.from_checkpoint(args.checkpoint, encoder_weights=args.encoder_weights,
                                           device="cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    rows = run_split(captioner, items, decoding, config, features_dir=args.features, split=args.split)
+    rows = run_split(captioner, items, decoding, config, features_dir=args.features, split=args.split,
+                     workers=args.workers)
     if _dist()[0] == 0:
         summary = {**summarise(rows), "space": config.space, "seeds": config.seeds, "step": config.step,
                    "split": args.split, "checkpoint": Path(args.checkpoint).name, "decoding": decoding.to_dict()}

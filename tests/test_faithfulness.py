@@ -46,7 +46,7 @@ def test_cli_writes_words_and_summary(tiny_checkpoint, tiny_flickr, tiny_feature
 
 def test_bad_arguments_exit_2(tiny_checkpoint, tiny_flickr, tiny_features, tmp_path):
     for extra, message in ((["--step", "0"], "step must be"), (["--limit", "0"], "--limit"),
-                           (["--seeds", "0"], "seeds must be")):
+                           (["--seeds", "0"], "seeds must be"), (["--workers", "0"], "--workers")):
         done = faithfulness_cli(tiny_checkpoint, tiny_flickr, tiny_features, tmp_path, *extra)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
