@@ -17,13 +17,12 @@ import csv
 import io
 import os
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from core.errors import ConfigError, DataError, cli_main
 from core.features import open_features
 from core.images import load_image
 from core.io_utils import atomic_write_bytes, atomic_write_json
+from core.masked_scorer import single_threaded
 
 FORMAT = "captionscope-faithfulness/1"
 METHODS = ("attention", "saliency", "random")
@@ -109,31 +109,6 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-_threads_lock = threading.Lock()
-_single_threaded_sections = [0, 0]      # sections open, torch's thread count before the first
-
-
-@contextmanager
-def single_threaded() -> Iterator[None]:
-    """torch's intra-op threads at 1 for the block (the process-wide setting; the count from before the
-    first of overlapping blocks, e.g. two dashboard sessions, is restored when the last ends). Scoring runs
-    thousands of small kernels per image: split across 2 threads on a machine where another process holds a
-    core, each waits for the descheduled one at every kernel's barrier, 20x slower than one thread (measured
-    on the shared 2-core machine); images in parallel use the cores instead."""
-    with _threads_lock:
-        if _single_threaded_sections[0] == 0:
-            _single_threaded_sections[1] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _single_threaded_sections[0] += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _single_threaded_sections[0] -= 1
-            if _single_threaded_sections[0] == 0:
-                torch.set_num_threads(_single_threaded_sections[1])
-
-
 def default_workers() -> int:
     """Images scored at once in feature space: one per CPU core this process may use."""
     try:
@@ -155,7 +130,9 @@ def _score_images(captioner, items: Sequence[ImageCaptions], shard: np.ndarray, 
     index = store.index_of() if store is not None else {}
     cached = all(items[int(i)].image in index for i in shard)
     parallel = workers > 1 and config.space == "feature" and len(shard) > 1 and cached
-    with single_threaded(), ThreadPoolExecutor(workers if parallel else 1) as pool:
+    # feature space: small kernels, single-threaded (see single_threaded); pixel space keeps the encoder's threads
+    threads = single_threaded() if config.space == "feature" else nullcontext()
+    with threads, ThreadPoolExecutor(workers if parallel else 1) as pool:
         results = pool.map(one, shard) if parallel else map(one, shard)
         for done, part in enumerate(results, start=1):
             rows += part

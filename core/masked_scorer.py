@@ -2,7 +2,8 @@
 mean vector: the engine behind feature-space deletion curves and gradient saliency (`core.saliency`)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -13,6 +14,21 @@ if TYPE_CHECKING:
     from core.saliency import Caption
 
 _CHUNK_FLOATS = 1 << 19     # attention work per chunk: its floats fit a core's L2 cache (2 MB)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch's intra-op threads at 1 for the block, given back after. Scoring runs thousands of small kernels
+    per image: split across 2 threads on a machine where another process holds a core, each waits for the
+    descheduled one at every kernel's barrier, 20x slower than one thread (measured on the shared 2-core
+    machine); images in parallel use the cores instead. OpenMP keeps the count per OS thread, so each
+    thread (a dashboard session, a worker) sets and restores its own; threads started inside start at 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def log_softmax_banned(logits: Tensor, banned: Sequence[int]) -> Tensor:

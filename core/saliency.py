@@ -34,7 +34,7 @@ from torch import Tensor
 
 from core import analysis
 from core.errors import ConfigError
-from core.masked_scorer import MaskedScorer, log_softmax_banned
+from core.masked_scorer import MaskedScorer, log_softmax_banned, single_threaded
 
 METHODS = ("attention", "saliency", "occlusion", "random")
 SPACES = ("feature", "pixel")
@@ -106,7 +106,7 @@ def saliency_maps(model, features: Tensor, caption: Caption) -> np.ndarray:
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
+        with single_threaded(), torch.enable_grad():
             scorer = MaskedScorer(model, features.detach().float(), caption)
             own = torch.ones(T, L, device=features.device, requires_grad=True)
             logp = scorer.logprobs_mixed(own, torch.zeros(T, L, device=features.device), torch.arange(T))
@@ -310,7 +310,7 @@ def feature_scorer(model, features: Tensor, caption: Caption) -> Scorer:
     def score(masks: np.ndarray, wanted: np.ndarray) -> np.ndarray:
         wanted = np.pad(wanted, ((0, 0), (0, T - wanted.shape[1])))
         unique, merged, inverse = distinct_masks(np.asarray(masks, dtype=bool), wanted)
-        with torch.inference_mode():
+        with single_threaded(), torch.inference_mode():
             lp = scorer.logprobs(torch.from_numpy(unique), wanted=torch.from_numpy(merged)).numpy()
         return lp[inverse]
     return score

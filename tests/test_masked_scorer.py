@@ -53,3 +53,36 @@ def test_feature_scorer_answers_every_row_like_its_own_pass():
     with torch.inference_mode():
         expected = saliency.teacher_forced_logprobs(model, built, caption).numpy()
     np.testing.assert_allclose(lp[wanted], expected[wanted], atol=1e-5)
+
+
+def test_overlapping_single_threaded_sections_give_each_thread_its_count_back():
+    """Two sessions' runs overlap (A enters, B enters, A leaves, B leaves): each thread, the main one
+    included, ends at the count it had; inside, both run single-threaded."""
+    import threading
+    from core.masked_scorer import single_threaded
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def session_b():
+            a_in.wait()
+            start = torch.get_num_threads()
+            with single_threaded():
+                seen["inside"] = torch.get_num_threads()
+                b_in.set()
+                a_out.wait()
+            seen["after"] = (start, torch.get_num_threads())
+        thread = threading.Thread(target=session_b)
+        thread.start()
+        with single_threaded():
+            assert torch.get_num_threads() == 1
+            a_in.set()
+            b_in.wait()
+        assert torch.get_num_threads() == 2
+        a_out.set()
+        thread.join()
+        assert torch.get_num_threads() == 2 and seen["inside"] == 1 and seen["after"][0] == seen["after"][1]
+    finally:
+        torch.set_num_threads(before)
