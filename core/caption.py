@@ -94,7 +94,8 @@ def _typed_caption(captioner: Captioner, args: argparse.Namespace, decoding: Dec
             if args.score is not None:
                 out = _score_json(captioner, feats, text, best)
             else:
-                hyps = beam_trace.continue_caption(captioner.model, feats, decoding, prepared.token_ids)
+                hyps = beam_trace.continue_caption(captioner.model, feats, decoding, prepared.token_ids,
+                                                    vocab=captioner.vocab)
                 words = [captioner.words(h) for h in hyps]
                 out = {"prefix": " ".join(prepared.words), "caption": " ".join(words[0]),
                        "hypotheses": [{"caption": " ".join(w), "logprob": h.logprob, "score": h.score,

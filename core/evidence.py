@@ -83,16 +83,20 @@ def caption_faithfulness(captioner, features: torch.Tensor, hypothesis: Hypothes
     sal = saliency.saliency_maps(captioner.model, features, caption)
     score = _scorer(captioner, features, caption, space, image, batch_size)
     fractions = saliency.deletion_points(L, step) / L
+    points = len(fractions)
     random = saliency.random_orders(L, seeds, seed)
-    rand_all = saliency.random_deletion_all_words(score, random, T, step=step)       # (seeds, points, T)
     orders = [(t, name, saliency.ranking(m[t])) for t in range(T)
               for name, m in (("attention", hypothesis.attention), ("saliency", sal))]
-    masks = np.concatenate([saliency.deletion_masks(o, step) for _, _, o in orders])
-    points = len(fractions)
-    upto = np.repeat([t for t, _, _ in orders], points)
-    lp = score(masks, upto, np.zeros(len(masks), dtype=bool))
-    p = np.exp(lp[np.arange(len(masks)), upto]).reshape(len(orders), points)
-    aucs: dict[tuple[int, str], float] = {(t, name): saliency.area_under(p[i], fractions)
+    # one request: random orders at every word (they do not depend on it), each named order at its word
+    masks = np.concatenate([saliency.deletion_masks(o, step) for o in list(random) + [o for _, _, o in orders]])
+    wanted = np.zeros((len(masks), T), dtype=bool)
+    wanted[: len(random) * points] = True
+    named_at = np.repeat([t for t, _, _ in orders], points)
+    wanted[len(random) * points + np.arange(len(named_at)), named_at] = True
+    p = np.exp(score(masks, wanted))
+    rand_all = p[: len(random) * points].reshape(len(random), points, T)             # (seeds, points, T)
+    p_named = p[len(random) * points + np.arange(len(named_at)), named_at].reshape(len(orders), points)
+    aucs: dict[tuple[int, str], float] = {(t, name): saliency.area_under(p_named[i], fractions)
                                           for i, (t, name, _) in enumerate(orders)}
     rows = []
     for t in range(T):
@@ -101,4 +105,38 @@ def caption_faithfulness(captioner, features: torch.Tensor, hypothesis: Hypothes
                      "auc_attention": aucs[(t, "attention")], "auc_saliency": aucs[(t, "saliency")],
                      "auc_random": float(np.mean(rand_aucs)), "auc_random_low": float(np.min(rand_aucs)),
                      "auc_random_high": float(np.max(rand_aucs))})
+    return rows
+
+
+def reference_caption_faithfulness(captioner, features: torch.Tensor, hypothesis: Hypothesis, *, seeds: int = 3,
+                                   seed: int = 0) -> list[dict]:
+    """`caption_faithfulness` in feature space, one region per point, the plain way: one backward through
+    `model.step` per word for saliency, one masked feature map and one teacher-forced pass per curve point.
+    Slow on purpose: what the fast path is tested against and `bench/` measures it against."""
+    caption = saliency.caption_of(captioner, hypothesis)
+    model, features = captioner.model, features.float().to(captioner.device)
+    T, L = len(caption), features.shape[0]
+    mean = features.mean(0)
+    sal = []
+    for t in range(T):
+        with torch.enable_grad():
+            x = features.clone().unsqueeze(0).requires_grad_(True)
+            (grad,) = torch.autograd.grad(saliency.teacher_forced_logprobs(model, x, caption)[0, t], x)
+        sal.append((grad[0] * features).sum(1).cpu().numpy())
+    random = saliency.random_orders(L, seeds, seed)
+    fractions = saliency.deletion_points(L, 1) / L
+    rows = []
+    with torch.inference_mode():
+        for t in range(T):
+            curves = []
+            for order in [saliency.ranking(hypothesis.attention[t]), saliency.ranking(sal[t]), *random]:
+                curve = []
+                for mask in saliency.deletion_masks(order):
+                    masked = torch.where(torch.from_numpy(mask).to(features.device)[:, None], mean, features)
+                    curve.append(float(saliency.teacher_forced_logprobs(model, masked[None], caption)[0, t].exp()))
+                curves.append(np.array(curve))
+            aucs = [saliency.area_under(c, fractions) for c in curves]
+            rows.append({"position": t, "word": _word(captioner, caption, t), "p_word": float(curves[0][0]),
+                         "auc_attention": aucs[0], "auc_saliency": aucs[1], "auc_random": float(np.mean(aucs[2:])),
+                         "auc_random_low": float(np.min(aucs[2:])), "auc_random_high": float(np.max(aucs[2:]))})
     return rows

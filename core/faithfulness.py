@@ -18,6 +18,8 @@ import io
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +34,7 @@ from core.errors import ConfigError, DataError, cli_main
 from core.features import open_features
 from core.images import load_image
 from core.io_utils import atomic_write_bytes, atomic_write_json
+from core.masked_scorer import single_threaded
 
 FORMAT = "captionscope-faithfulness/1"
 METHODS = ("attention", "saliency", "random")
@@ -106,12 +109,46 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def default_workers() -> int:
+    """Images scored at once in feature space: one per CPU core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:                     # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _score_images(captioner, items: Sequence[ImageCaptions], shard: np.ndarray, decoding: DecodingConfig,
+                  config: FaithfulnessConfig, store, workers: int, progress: Progress | None) -> list[dict]:
+    """image_rows of each image of the shard, in order; feature space from cached features runs `workers`
+    images at once on threads (torch releases the GIL in its kernels; the model is only read), each kernel
+    single-threaded."""
+    def one(i) -> list[dict]:
+        return image_rows(captioner, items[int(i)], decoding, config, store)
+    rows: list[dict] = []
+    # only from cached features: re-encoding (pixel space, or images the store lacks) stays on one thread,
+    # the encoder's first call compiles it
+    index = store.index_of() if store is not None else {}
+    cached = all(items[int(i)].image in index for i in shard)
+    parallel = workers > 1 and config.space == "feature" and len(shard) > 1 and cached
+    # feature space: small kernels, single-threaded (see single_threaded); pixel space keeps the encoder's threads
+    threads = single_threaded() if config.space == "feature" else nullcontext()
+    with threads, ThreadPoolExecutor(workers if parallel else 1) as pool:
+        results = pool.map(one, shard) if parallel else map(one, shard)
+        for done, part in enumerate(results, start=1):
+            rows += part
+            if progress:
+                progress(done, len(shard))
+    return rows
+
+
 def run_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingConfig, config: FaithfulnessConfig, *,
               features_dir: str | Path | None = None, split: str = "dev", progress: Progress | None = None,
-              cache=None) -> list[dict]:
+              cache=None, store=None, workers: int | None = None) -> list[dict]:
     """Rows for every generated word of `items`, in image order. Under torch.distributed each rank takes a
     contiguous shard and every rank gets the merged rows back (rank order = image order). `cache` (a
-    core.corpus.CaptionCache) keeps finished results keyed by everything that determines them."""
+    core.corpus.CaptionCache) keeps finished results keyed by everything that determines them. `store` (a
+    FeatureStore) is used instead of opening `features_dir`; `workers` images are scored at once in feature
+    space (default: one per core, one per rank under torch.distributed); the rows do not depend on it."""
     config.validate()
     names = [it.image for it in items]
     key = None
@@ -125,12 +162,9 @@ def run_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingConfi
             return hit
     rank, world = _dist()
     shard = np.array_split(np.arange(len(items)), world)[rank] if world > 1 else np.arange(len(items))
-    store = _store(captioner, features_dir, split)
-    rows: list[dict] = []
-    for done, i in enumerate(shard, start=1):
-        rows += image_rows(captioner, items[int(i)], decoding, config, store)
-        if progress:
-            progress(done, len(shard))
+    store = _store(captioner, features_dir, split) if store is None else store
+    workers = (default_workers() if world == 1 else 1) if workers is None else max(1, int(workers))
+    rows = _score_images(captioner, items, shard, decoding, config, store, workers, progress)
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, rows)
@@ -234,9 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--workers", type=int, default=None,
+                   help="images scored at once in feature space (default: one per CPU core; 1 per rank under torchrun)")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     config = FaithfulnessConfig(space=args.space, seeds=args.seeds, step=args.step)
@@ -246,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     captioner = Captioner.from_checkpoint(args.checkpoint, encoder_weights=args.encoder_weights,
                                           device="cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    rows = run_split(captioner, items, decoding, config, features_dir=args.features, split=args.split)
+    rows = run_split(captioner, items, decoding, config, features_dir=args.features, split=args.split,
+                     workers=args.workers)
     if _dist()[0] == 0:
         summary = {**summarise(rows), "space": config.space, "seeds": config.seeds, "step": config.step,
                    "split": args.split, "checkpoint": Path(args.checkpoint).name, "decoding": decoding.to_dict()}

@@ -16,7 +16,7 @@ several seeds are the chance baseline. Two deletion spaces:
 
 * feature space: a removed region's feature vector becomes the image's mean feature. Nothing is
   re-encoded, and every projection the decoder applies to a region is linear, so they are computed once
-  per image and mixed per row (`MaskedScorer`): this is what makes a whole split affordable on a CPU;
+  per image and mixed per row (`core.masked_scorer.MaskedScorer`): this is what makes a whole split affordable on a CPU;
 * pixel space: the removed cells are painted grey (`core.analysis.OCCLUSION_FILL`) and the image is
   re-encoded, testing the whole pipeline where receptive fields overlap. Identical masks (the first and
   last point of every curve, random orders shared by all words of a caption) are encoded once.
@@ -34,6 +34,7 @@ from torch import Tensor
 
 from core import analysis
 from core.errors import ConfigError
+from core.masked_scorer import MaskedScorer, log_softmax_banned, single_threaded
 
 METHODS = ("attention", "saliency", "occlusion", "random")
 SPACES = ("feature", "pixel")
@@ -72,12 +73,6 @@ def caption_of(captioner, hypothesis) -> Caption:
     return Caption(targets, v.start_id, (v.pad_id, v.start_id, v.unk_id))
 
 
-def _log_softmax_banned(logits: Tensor, banned: Sequence[int]) -> Tensor:
-    logits = logits.clone()
-    logits[:, list(banned)] = float("-inf")
-    return torch.log_softmax(logits, dim=-1)
-
-
 def check_grid_index(region: int, num_regions: int) -> int:
     """A region index of the flattened grid, refused by name when out of range."""
     if isinstance(region, bool) or not isinstance(region, (int, np.integer)) or not 0 <= int(region) < num_regions:
@@ -95,93 +90,8 @@ def teacher_forced_logprobs(model, features: Tensor, caption: Caption) -> Tensor
     for prev, target in zip(caption.inputs, caption.targets):
         tokens = torch.full((N,), prev, dtype=torch.long, device=features.device)
         logits, _, _, state = model.step(tokens, state)
-        out.append(_log_softmax_banned(logits, caption.banned)[:, target])
+        out.append(log_softmax_banned(logits, caption.banned)[:, target])
     return torch.stack(out, 1)
-
-
-class MaskedScorer:
-    """Teacher-forced log-probs of one caption on feature maps built region by region from the image's own
-    vectors and its mean vector: row r, region i holds a[r, i] * a_i + b[r, i] * mean.
-
-    Deletion in feature space is a = keep, b = removed; gradient saliency is the derivative at a = 1, b = 0
-    (d/da_i log p = Σ_c a_ic ∂log p/∂a_ic: grad × input summed over channels). Every per-region map the
-    decoder applies is linear (the attention key W_a a_i, the LSTM's and the deep output's context weights,
-    the initial state's), so each is applied to the L regions and the mean once; a row only mixes those
-    precomputed rows. The word-embedding half of the LSTM gates is shared by all rows of a step. Equal to
-    `model.step` on the built maps up to float rounding (tests check it).
-    """
-
-    def __init__(self, model, features: Tensor, caption: Caption):
-        if model.training:
-            raise ConfigError("MaskedScorer needs the model in eval mode (no dropout)")
-        self.model, self.caption = model, caption
-        F_ = features.float()
-        self.num_regions, E = F_.shape[0], model.config.embed_dim
-        both = torch.cat([F_, F_.mean(0, keepdim=True)])                  # (L + 1, C): regions, then the mean
-        self.att = both @ model.attention.encoder_proj.weight.t()         # (L+1, A), bias added after mixing
-        self.gates_z = both @ model.lstm.weight_ih[:, E:].t()              # (L+1, 4D)
-        self.init_h = both @ model.init_h.weight.t()
-        self.init_c = both @ model.init_c.weight.t()
-        self.out_z = both @ model.out_z.weight.t() if model.config.deep_output else None
-        tokens = torch.tensor(caption.inputs, dtype=torch.long, device=F_.device)
-        self.emb = model.embedding(tokens)                                 # (T, E)
-        self.gates_e = self.emb @ model.lstm.weight_ih[:, :E].t() + model.lstm.bias_ih + model.lstm.bias_hh
-
-    @staticmethod
-    def _mix(own: Tensor, mean: Tensor, weights: Tensor, table: Tensor) -> Tensor:
-        """Σ_i w_i (own_i row_i + mean_i row_mean): (R, L) weights -> (R, width)."""
-        return (weights * own) @ table[:-1] + (weights * mean).sum(1, keepdim=True) * table[-1]
-
-    def logprobs(self, removed: Tensor, upto: Tensor | None = None, every_step: Tensor | None = None) -> Tensor:
-        """removed: (R, L) bool, True = region replaced by the mean. See `logprobs_mixed`."""
-        keep = ~removed.bool()
-        return self.logprobs_mixed(keep.float(), (~keep).float(), upto, every_step)
-
-    def logprobs_mixed(self, own: Tensor, mean: Tensor, upto: Tensor | None = None,
-                       every_step: Tensor | None = None) -> Tensor:
-        """(R, T) log-probs, NaN where not asked for: row r is scored at position upto[r] (default: the
-        last), and at every position up to it when every_step[r]. A row stops once past its upto."""
-        m = self.model
-        R, L = own.shape
-        T = len(self.caption)
-        upto = torch.full((R,), T - 1, dtype=torch.long) if upto is None else upto.long().cpu()
-        every = torch.zeros(R, dtype=torch.bool) if every_step is None else every_step.bool().cpu()
-        order = torch.argsort(upto, descending=True, stable=True)
-        dev = self.att.device
-        own, mean = own[order].to(dev), mean[order].to(dev)
-        upto_sorted, every_sorted = upto[order], every[order]
-        init_w = torch.full((R, L), 1.0 / L, device=dev)
-        h = self._mix(own, mean, init_w, self.init_h) + m.init_h.bias
-        c = self._mix(own, mean, init_w, self.init_c) + m.init_c.bias
-        att = (own.unsqueeze(2) * self.att[:-1] + mean.unsqueeze(2) * self.att[-1]
-               + m.attention.encoder_proj.bias)                                       # (R, L, A)
-        out = torch.full((R, T), float("nan"), dtype=torch.float32)
-        for t in range(T):
-            n = int((upto_sorted >= t).sum())
-            if n == 0:
-                break
-            h, c, att, own, mean = h[:n], c[:n], att[:n], own[:n], mean[:n]
-            alpha = m.attention(att, h)                                   # (n, L)
-            beta = torch.sigmoid(m.f_beta(h))                             # (n, 1)
-            gates = (self.gates_e[t] + beta * self._mix(own, mean, alpha, self.gates_z)
-                     + h @ m.lstm.weight_hh.t())
-            i, f, g, o = gates.chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            rows = ((upto_sorted[:n] == t) | every_sorted[:n]).nonzero().squeeze(1)
-            if rows.numel():
-                r = rows.to(dev)
-                logits = self._logits(t, h[r], beta[r], alpha[r], own[r], mean[r])
-                lp = _log_softmax_banned(logits, self.caption.banned)[:, self.caption.targets[t]]
-                out = out.index_put((order[rows], torch.full_like(rows, t)), lp.float().cpu())
-        return out
-
-    def _logits(self, t: int, h: Tensor, beta: Tensor, alpha: Tensor, own: Tensor, mean: Tensor) -> Tensor:
-        m = self.model
-        if not m.config.deep_output:
-            return m.classifier(h)
-        context_out = beta * self._mix(own, mean, alpha, self.out_z) + m.out_z.bias
-        return m.classifier(self.emb[t] + m.out_h(h) + context_out)
 
 
 # -- the three maps ----------------------------------------------------------------------------------------------
@@ -196,7 +106,7 @@ def saliency_maps(model, features: Tensor, caption: Caption) -> np.ndarray:
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
+        with single_threaded(), torch.enable_grad():
             scorer = MaskedScorer(model, features.detach().float(), caption)
             own = torch.ones(T, L, device=features.device, requires_grad=True)
             logp = scorer.logprobs_mixed(own, torch.zeros(T, L, device=features.device), torch.arange(T))
@@ -359,43 +269,56 @@ def verdict_line(auc: dict[str, float], band: tuple[float, float], p_word: float
     return f"Attention ranks the regions that matter {chance}{tail} (lower area = the word loses its evidence sooner)."
 
 
-Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""score(masks (R, L) bool, wanted (R, T) bool) -> (R, T) log p of each caption token with the mask's regions
+removed, at least where wanted (NaN or a value elsewhere)."""
 
 
 def deletion_scores(score: Scorer, orders: dict[str, np.ndarray], random: np.ndarray, position: int, *,
                     step: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """p(word at `position`) along the deletion masks of each named order and of each random order.
 
-    Returns ({name: (points,) p}, (seeds, points) p). `score(masks, upto, every_step)` -> (R, T) log-probs.
+    Returns ({name: (points,) p}, (seeds, points) p).
     """
     orders_list = list(orders.values()) + list(random)
     masks = np.concatenate([deletion_masks(o, step) for o in orders_list])
-    upto = np.full(len(masks), position)
-    lp = score(masks, upto, np.zeros(len(masks), dtype=bool))[:, position]
+    wanted = np.zeros((len(masks), position + 1), dtype=bool)
+    wanted[:, position] = True
+    lp = score(masks, wanted)[:, position]
     p = np.exp(lp).reshape(len(orders_list), -1)
     return {name: p[i] for i, name in enumerate(orders)}, p[len(orders):]
 
 
-def random_deletion_all_words(score: Scorer, random: np.ndarray, T: int, *, step: int = 1) -> np.ndarray:
-    """(seeds, points, T): p of every word of the caption along each random order. A random order does not
-    depend on the word, so one teacher-forced pass per mask scores all T words at once."""
-    masks = np.concatenate([deletion_masks(o, step) for o in random])
-    lp = score(masks, np.full(len(masks), T - 1), np.ones(len(masks), dtype=bool))
-    return np.exp(lp).reshape(len(random), -1, T)
+def distinct_masks(masks: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct masks, the positions any copy of each wants, the index of each input row's distinct mask).
+    Deletion curves repeat masks a lot: every curve starts with none and ends with all regions removed,
+    and two words' or two methods' top-k (or bottom-k) sets often agree."""
+    packed = np.packbits(masks, axis=1)
+    _, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    merged = np.zeros((len(first), wanted.shape[1]), dtype=bool)
+    np.logical_or.at(merged, inverse, wanted)
+    return masks[first], merged, inverse
 
 
-def feature_scorer(model, features: Tensor, caption: Caption):
+def feature_scorer(model, features: Tensor, caption: Caption) -> Scorer:
+    """Feature-space deletion through `MaskedScorer`; each distinct mask is run once, scored at every
+    position any of its copies wants, and only as far as the last of them."""
     scorer = MaskedScorer(model, features.to(next(model.parameters()).device), caption)
+    T = len(caption)
 
-    def score(masks: np.ndarray, upto: np.ndarray, every: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return scorer.logprobs(torch.from_numpy(masks), torch.from_numpy(upto), torch.from_numpy(every)).numpy()
+    def score(masks: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+        wanted = np.pad(wanted, ((0, 0), (0, T - wanted.shape[1])))
+        unique, merged, inverse = distinct_masks(np.asarray(masks, dtype=bool), wanted)
+        with single_threaded(), torch.inference_mode():
+            lp = scorer.logprobs(torch.from_numpy(unique), wanted=torch.from_numpy(merged)).numpy()
+        return lp[inverse]
     return score
 
 
-def pixel_scorer(captioner, image: Image.Image, caption: Caption, *, batch_size: int = 16):
+def pixel_scorer(captioner, image: Image.Image, caption: Caption, *, batch_size: int = 16) -> Scorer:
     """Scores masks by greying the cells out and re-encoding; each distinct mask is encoded once."""
-    def score(masks: np.ndarray, upto: np.ndarray, every: np.ndarray) -> np.ndarray:
+    def score(masks: np.ndarray, wanted: np.ndarray) -> np.ndarray:
         unique, inverse = np.unique(masks, axis=0, return_inverse=True)
         feats = encode_masks(captioner, image, unique, batch_size=batch_size)
         with torch.inference_mode():

@@ -217,6 +217,27 @@ def test_attention_faithfulness_scoring_prefix_and_beam_view(env):
     assert not at.exception, [e.value for e in at.exception]
 
 
+def test_attention_prefix_and_beam_view_apply_the_sidebar_knobs(env):
+    """The sidebar's Hugging Face knobs reach the forced prefix (min length counts the typed words) and the
+    beam view (diverse groups: the width moves in steps of the groups, each node names its group)."""
+    at = start("attention")
+    widget(at.number_input, "Min length").set_value(12).run()
+    widget(at.text_input, "First words").set_value("a man").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = next(m.value for m in at.markdown if m.value.startswith("**a man**"))
+    assert len(shown.replace("*", "").split()) >= 11                          # 12 tokens incl. <end>
+    widget(at.slider, "Beam width").set_value(4).run()
+    widget(at.number_input, "Beam groups").set_value(2).run()
+    widget(at.slider, "Diversity penalty").set_value(1.0).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    width = widget(at.slider, "Beam width k")
+    assert width.value == 4 and width.step == 2 and width.min == 2
+    assert "group" in at.dataframe[-1].value.columns and set(at.dataframe[-1].value["group"]) == {1, 2}
+    assert any("diversity penalty 1 between 2 groups" in c.value for c in at.caption)
+    widget(at.selectbox, "Node").set_value(1).run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
 def test_faithfulness_page_summary_and_link_to_the_attention_page(env):
     at = start("faithfulness")
     widget(at.number_input, "dev images (first n)").set_value(2).run()

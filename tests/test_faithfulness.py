@@ -46,7 +46,7 @@ def test_cli_writes_words_and_summary(tiny_checkpoint, tiny_flickr, tiny_feature
 
 def test_bad_arguments_exit_2(tiny_checkpoint, tiny_flickr, tiny_features, tmp_path):
     for extra, message in ((["--step", "0"], "step must be"), (["--limit", "0"], "--limit"),
-                           (["--seeds", "0"], "seeds must be")):
+                           (["--seeds", "0"], "seeds must be"), (["--workers", "0"], "--workers")):
         done = faithfulness_cli(tiny_checkpoint, tiny_flickr, tiny_features, tmp_path, *extra)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
@@ -82,3 +82,24 @@ def test_run_split_caches_and_reports_progress(tiny_checkpoint, tiny_flickr, tmp
     assert again == json.loads(json.dumps(first))
     with pytest.raises(ConfigError, match="deletion space"):
         run_split(captioner, items, decoding, FaithfulnessConfig(space="latent"))
+
+
+def test_images_scored_in_parallel_give_the_same_rows(tiny_checkpoint, tiny_flickr, tiny_features):
+    """workers > 1 runs images on threads (cached features only); the rows, their order and the progress
+    reports are those of one image at a time, and torch's thread setting is given back."""
+    import torch
+    from core.captioner import Captioner
+    from core.data import load_dataset
+    captioner = Captioner.from_checkpoint(tiny_checkpoint, device="cpu")
+    items = load_dataset(tiny_flickr).split("dev")[:4]
+    config, decoding = FaithfulnessConfig(seeds=2), DecodingConfig(beam_size=2)
+    threads = torch.get_num_threads()
+    runs = {}
+    for workers in (1, 3):
+        seen = []
+        runs[workers] = run_split(captioner, items, decoding, config, features_dir=tiny_features, workers=workers,
+                                  progress=lambda d, t: seen.append((d, t)))
+        assert seen == [(d, 4) for d in range(1, 5)]
+        assert torch.get_num_threads() == threads
+    assert runs[3] == runs[1] and [r["image"] for r in runs[1]][0] == items[0].image
+    assert len({r["image"] for r in runs[1]}) == 4

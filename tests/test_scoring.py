@@ -105,3 +105,23 @@ def test_cli_bad_text_is_one_line_exit_2(tiny_checkpoint, image_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert "caption" in result.stderr or "prefix" in result.stderr
+
+
+def test_cli_prefix_applies_the_decoding_knobs(tiny_checkpoint, image_path):
+    """--prefix continues with the knobs on: min_length counts the typed words, a bad word in the prefix is
+    refused by name (one line, no traceback), and a banned word never appears in the continuation."""
+    plain = json.loads(run_cli("core.caption", str(image_path), "--checkpoint", str(tiny_checkpoint), "--json").stdout)
+    words = plain["caption"].split()
+    long = run_cli("core.caption", str(image_path), "--checkpoint", str(tiny_checkpoint), "--prefix", words[0],
+                   "--min-length", str(len(words) + 4), "--max-length", "20", "--json")
+    assert long.returncode == 0, long.stderr
+    hyp = json.loads(long.stdout)["hypotheses"][0]
+    assert not hyp["finished"] or hyp["length"] >= len(words) + 4
+    refused = run_cli("core.caption", str(image_path), "--checkpoint", str(tiny_checkpoint), "--prefix",
+                      " ".join(words[:2]), "--bad-words", words[1])
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"'{words[1]}', which bad_words bans" in refused.stderr
+    banned = run_cli("core.caption", str(image_path), "--checkpoint", str(tiny_checkpoint), "--prefix", words[0],
+                     "--bad-words", words[2], "--json")
+    assert banned.returncode == 0, banned.stderr
+    assert words[2] not in json.loads(banned.stdout)["caption"].split()[1:]

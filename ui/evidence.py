@@ -50,12 +50,14 @@ def score(checkpoint_id: str, content_key: str, text: str, _captioner, _features
 @st.cache_data(max_entries=64, show_spinner="Continuing the caption…")
 def continuation(checkpoint_id: str, content_key: str, decoding: dict, prefix: tuple[int, ...], _captioner,
                  _features) -> list[Hypothesis]:
-    return beam_trace.continue_caption(_captioner.model, _features, DecodingConfig.from_dict(decoding), list(prefix))
+    return beam_trace.continue_caption(_captioner.model, _features, DecodingConfig.from_dict(decoding), list(prefix),
+                                      vocab=_captioner.vocab)
 
 
 @st.cache_data(max_entries=32, show_spinner="Tracing the beam search…")
 def trace(checkpoint_id: str, content_key: str, decoding: dict, _captioner, _features) -> beam_trace.BeamTrace:
-    return beam_trace.trace_beam_search(_captioner.model, _features, DecodingConfig.from_dict(decoding))
+    return beam_trace.trace_beam_search(_captioner.model, _features, DecodingConfig.from_dict(decoding),
+                                       vocab=_captioner.vocab)
 
 
 # -- rendering ---------------------------------------------------------------------------------------------------------
@@ -194,27 +196,41 @@ def beam_frame(result: beam_trace.BeamTrace, vocab) -> pd.DataFrame:
     for step in result.steps:
         for status, nodes in (("kept", step.kept), ("finished", step.finished), ("pruned", step.pruned)):
             for node in nodes:
-                rows.append({"step": step.t + 1, "status": status, "hypothesis": " ".join(
+                rows.append({"step": step.t + 1, "status": status, "group": node.group + 1, "hypothesis": " ".join(
                     vocab.decode_tokens(node.tokens)) + (" <end>" if node.finished else ""),
                     "log-prob": node.logprob, "score": node.score, "node": node})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if not frame.empty and frame["group"].max() == 1:      # one group: plain beam search, no column for it
+        frame = frame.drop(columns="group")
+    return frame
 
 
 def render_beam(captioner, image: Image.Image, features, decoding: DecodingConfig, key: dict, *,
                 opacity: float, cmap: str, smooth: bool) -> None:
-    width = st.slider("Beam width k", 1, 10, max(2, decoding.beam_size) if not decoding.do_sample else 3,
-                      key=f"att_beam_width_{decoding.beam_size}")
+    groups = decoding.num_beam_groups          # diverse beam search: the width stays a multiple of the groups
+    widest = groups * max(2, 10 // groups)
+    default = 3 if decoding.do_sample else decoding.beam_size if groups > 1 else max(2, decoding.beam_size)
+    width = st.slider("Beam width k", groups, widest, min(widest, default), step=groups,
+                      key=f"att_beam_width_{decoding.beam_size}_{groups}",
+                      help="Diverse beam search: a multiple of the sidebar's beam groups." if groups > 1 else None)
     config = dataclasses.replace(decoding, beam_size=int(width), do_sample=False,
                                  num_return_sequences=min(decoding.num_return_sequences, int(width)))
-    result = trace(captioner.checkpoint_id, key["item"], config.to_dict(), captioner, features)
+    try:
+        result = trace(captioner.checkpoint_id, key["item"], config.to_dict(), captioner, features)
+    except CaptionScopeError as e:
+        st.error(str(e))
+        return
     frame = beam_frame(result, captioner.vocab)
     table, pic = st.columns([3, 2])
     table.dataframe(frame.drop(columns="node"), hide_index=True, width="stretch", height=360, column_config={
         "log-prob": st.column_config.NumberColumn("Log-prob", format="%.3f"),
         "score": st.column_config.NumberColumn("Length-penalised", format="%.3f")})
     best = " ".join(captioner.words(result.hypotheses[0])) if result.hypotheses else "(none)"
+    knobs = config.describe_knobs() + ([f"diversity penalty {config.diversity_penalty:g} between "
+                                        f"{config.num_beam_groups} groups"] if config.num_beam_groups > 1 else [])
     table.caption(f"Per step: the kept beams, the ones that finished with <end>, and the strongest pruned "
-                  f"candidates. Final: **{best}**.")
+                  f"candidates, ranked by the score the search uses"
+                  + (f" (with {', '.join(knobs)})" if knobs else "") + f". Final: **{best}**.")
     labels = [f"step {r['step']} · {r['status']} · {r['hypothesis']}" for r in frame.to_dict("records")]
     node_key = f"att_beam_node_{key['sig']}_{width}"
     if st.session_state.get(node_key) not in range(len(labels)):
