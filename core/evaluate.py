@@ -3,8 +3,9 @@
     python -m core.evaluate --checkpoint checkpoints/captionscope-lite2.safetensors \
         --data ../shared/flickr8k --split dev --beam 3 --out eval/dev-beam3
 
-writes `metrics.json` (corpus scores, settings, timing) and `captions.csv` (image, caption, references
-joined by " | ", then one column per metric). Features come from the cache in --features when it holds
+Decoding flags left out (--beam, --length-penalty, --max-length, --no-repeat-ngram) take the checkpoint's
+stored defaults, as the dashboard does. Writes `metrics.json` (corpus scores, settings, timing) and
+`captions.csv` (image, caption, references joined by " | ", then one column per metric). Features come from the cache in --features when it holds
 the split for this checkpoint's encoder weights, else the encoder runs on the images.
 
 Several values of --beam, --length-penalty or --no-repeat-ngram make a decoding grid (their full product,
@@ -32,7 +33,7 @@ from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
 from core.cli import add_decoding_knobs, decoding_knobs
 from core.errors import ConfigError, cli_main
-from core.grid import setting_id
+from core.grid import build_grid, setting_id
 from core.io_utils import atomic_write_json, atomic_write_text
 from core.metrics import METRIC_NAMES, Scores, format_scores
 
@@ -87,9 +88,23 @@ def write_grid(result, items: Sequence[ImageCaptions], out: Path, *, checkpoint:
                                              "axes": list(result.axes), "notes": result.notes, "settings": rows})
 
 
-def _grid_axes(args: argparse.Namespace) -> dict[str, list]:
-    return {"beam_size": args.beam, "length_penalty": args.length_penalty,
-            "no_repeat_ngram_size": args.no_repeat_ngram}
+def _grid_axes(args: argparse.Namespace, stored: DecodingConfig) -> dict[str, list]:
+    """The grid's axes: the values given, else the one value `stored` (a checkpoint's defaults) has."""
+    return {"beam_size": args.beam or [stored.beam_size],
+            "length_penalty": args.length_penalty or [stored.length_penalty],
+            "no_repeat_ngram_size": args.no_repeat_ngram or [stored.no_repeat_ngram_size]}
+
+
+def _grid_settings(args: argparse.Namespace, stored: DecodingConfig):
+    """(axes, settings, varying axes) of the grid the flags ask for, around a checkpoint's `stored` defaults."""
+
+    axes = _grid_axes(args, stored)
+    base = DecodingConfig(beam_size=axes["beam_size"][0], max_length=args.max_length or stored.max_length,
+                          **decoding_knobs(args))
+    varying = [a for a, values in axes.items() if len(dict.fromkeys(values)) > 1]
+    if args.card and set(varying) - {"beam_size"}:
+        raise ConfigError("--card records beam widths only: give one --length-penalty and one --no-repeat-ngram")
+    return axes, build_grid(base, axes), varying
 
 
 def _init_distributed() -> None:
@@ -106,7 +121,7 @@ def _init_distributed() -> None:
 def main(argv: list[str] | None = None) -> int:
     from core.captioner import Captioner
     from core.checkpoint import default_checkpoint_path
-    from core.grid import build_grid, dist_info, evaluate_grid
+    from core.grid import dist_info, evaluate_grid
 
     parser = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="default: the bundled checkpoint")
@@ -114,11 +129,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the encoder's weights: imagenet (default) | none | PATH to a local file")
     parser.add_argument("--data", required=True, help="Flickr8K folder")
     parser.add_argument("--split", default="dev")
-    parser.add_argument("--beam", type=int, nargs="+", default=[3], help="one or more beam widths")
-    parser.add_argument("--length-penalty", type=float, nargs="+", default=[0.0],
+    parser.add_argument("--beam", type=int, nargs="+", default=None,
+                        help="one or more beam widths (default, here and below: the checkpoint's stored setting)")
+    parser.add_argument("--length-penalty", type=float, nargs="+", default=None,
                         help="one or more length penalties alpha (the grid is the product of all axes)")
-    parser.add_argument("--max-length", type=int, default=20)
-    parser.add_argument("--no-repeat-ngram", type=int, nargs="+", default=[0],
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--no-repeat-ngram", type=int, nargs="+", default=None,
                         help="one or more no-repeat n-gram sizes (0 = off)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N images of the split")
     parser.add_argument("--features", default="features", help="feature cache folder (used when it matches)")
@@ -128,16 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                              "50-image subset scored from the image files for the regression test")
     add_decoding_knobs(parser, sampling=False)
     args = parser.parse_args(argv)
-    axes = _grid_axes(args)
     # the knobs sit in the base setting; every grid point is checked before the checkpoint loads
-    base = DecodingConfig(beam_size=args.beam[0], max_length=args.max_length, **decoding_knobs(args))
-    settings = build_grid(base, axes)
-    varying = [a for a, values in axes.items() if len(dict.fromkeys(values)) > 1]
-    if args.card and set(varying) - {"beam_size"}:
-        raise ConfigError("--card records beam widths only: give one --length-penalty and one --no-repeat-ngram")
+    _grid_settings(args, DecodingConfig())
     _init_distributed()
     captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
                                           encoder_weights=args.encoder_weights)
+    stored = captioner.default_decoding()        # what a flag leaves out comes from the checkpoint
+    axes, settings, varying = _grid_settings(args, stored)
+    args.max_length = args.max_length or stored.max_length
     for decoding in settings:
         captioner.check_decoding(decoding)     # bad words this vocabulary lacks: one error before any work
     items = load_dataset(args.data).split(args.split)

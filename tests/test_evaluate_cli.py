@@ -95,3 +95,20 @@ def test_decoding_knobs_reach_the_captions_and_metrics(tiny_checkpoint, tiny_fli
     assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(tiny_flickr), "--bad-words", "zebra",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "'zebra'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_flags_left_out_take_the_checkpoints_stored_decoding(tiny_checkpoint, tiny_flickr, tiny_features, tmp_path):
+    from core.checkpoint import load_checkpoint, save_checkpoint
+    from core.evaluate import main
+    ckpt = load_checkpoint(tiny_checkpoint)
+    stored = {**ckpt.decoding, "beam_size": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2, "max_length": 4}
+    tuned = save_checkpoint(tmp_path / "tuned.safetensors", ckpt.model, ckpt.vocab, encoder=ckpt.encoder,
+                            training=ckpt.training, decoding=stored)
+    common = ["--checkpoint", str(tuned), "--data", str(tiny_flickr), "--features", str(tiny_features)]
+    assert main([*common, "--out", str(tmp_path / "stored")]) == 0
+    used = json.loads((tmp_path / "stored" / "metrics.json").read_text())["decoding"]
+    assert {k: used[k] for k in ("beam_size", "length_penalty", "no_repeat_ngram_size", "max_length")} == \
+        {"beam_size": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2, "max_length": 4}
+    assert main([*common, "--beam", "1", "--max-length", "20", "--out", str(tmp_path / "given")]) == 0
+    given = json.loads((tmp_path / "given" / "metrics.json").read_text())["decoding"]
+    assert (given["beam_size"], given["max_length"], given["length_penalty"]) == (1, 20, 0.5)
