@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 from core.errors import DataError
 from core.metrics import (BLEU_NAMES, JAVA_MISSING_NOTE, METEOR_TIMEOUT_BASE_S, METEOR_TIMEOUT_PER_IMAGE_S,
-                          METRIC_NAMES, Scores, _make_meteor, _meteor_safe, _tokenize_all, _validate,
+                          METRIC_NAMES, Scores, ScoreTable, _make_meteor, _meteor_safe, _tokenize_all, _validate,
                           java_available)
 
 
@@ -231,13 +231,8 @@ def _score_one(gts: dict, res: dict, wanted: list[str], meteor: tuple[float, lis
     from pycocoevalcap.rouge.rouge import Rouge
 
     images = list(res)
-    corpus: dict[str, float] = {}
-    per_image: dict[str, dict[str, float]] = {image: {} for image in images}
-
-    def store(name: str, score: float, scores: Sequence[float]) -> None:
-        corpus[name] = float(score)
-        for image, value in zip(images, scores):
-            per_image[image][name] = float(value)
+    table = ScoreTable(images)
+    store = table.store
 
     def timed(stage: str, t0: float) -> None:
         clock[stage] = clock.get(stage, 0.0) + time.perf_counter() - t0
@@ -269,6 +264,4 @@ def _score_one(gts: dict, res: dict, wanted: list[str], meteor: tuple[float, lis
         if len(images) == 1:
             notes.append("CIDEr-D uses idf over the scored images: with a single image it is always 0")
     timed("CIDEr-D", t0)
-    ordered = {m: corpus[m] for m in wanted if m in corpus}
-    per_image = {image: {m: values[m] for m in wanted if m in values} for image, values in per_image.items()}
-    return Scores(corpus=ordered, per_image=per_image, notes=notes)
+    return table.scores(wanted, notes)

@@ -54,6 +54,26 @@ class Scores:
     notes: list[str] = field(default_factory=list)   # e.g. METEOR skipped, fallback tokeniser used
 
 
+class ScoreTable:
+    """Corpus and per-image values, stored metric by metric as pycocoevalcap returns them."""
+
+    def __init__(self, images: Sequence[str]):
+        self.images = list(images)
+        self.corpus: dict[str, float] = {}
+        self.per_image: dict[str, dict[str, float]] = {image: {} for image in self.images}
+
+    def store(self, name: str, score: float, scores: Sequence[float]) -> None:
+        self.corpus[name] = float(score)
+        for image, value in zip(self.images, scores):
+            self.per_image[image][name] = float(value)
+
+    def scores(self, wanted: Sequence[str], notes: list[str]) -> Scores:
+        """The stored metrics among `wanted`, in `wanted`'s order."""
+        return Scores(corpus={m: self.corpus[m] for m in wanted if m in self.corpus},
+                      per_image={image: {m: values[m] for m in wanted if m in values}
+                                 for image, values in self.per_image.items()}, notes=notes)
+
+
 @functools.lru_cache(maxsize=1)
 def java_available() -> bool:
     """True when a working `java` is on PATH (cached: the answer does not change within a process)."""
@@ -322,13 +342,8 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
         notes.append(f"{unscored} image(s) with references but no prediction were not scored")
     gts, res = _tokenize_all(refs, preds, tokenizer, notes)
     images = list(preds)
-    corpus: dict[str, float] = {}
-    per_image: dict[str, dict[str, float]] = {image: {} for image in images}
-
-    def store(name: str, score: float, scores: Sequence[float]) -> None:
-        corpus[name] = float(score)
-        for image, value in zip(images, scores):
-            per_image[image][name] = float(value)
+    table = ScoreTable(images)
+    store = table.store
 
     if any(m in wanted for m in BLEU_NAMES):
         from pycocoevalcap.bleu.bleu import Bleu
@@ -357,9 +372,7 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
             store("CIDEr-D", *Cider().compute_score(gts, res))
         if len(images) == 1:
             notes.append("CIDEr-D uses idf over the scored images: with a single image it is always 0")
-    ordered_corpus = {m: corpus[m] for m in wanted if m in corpus}
-    per_image = {image: {m: values[m] for m in wanted if m in values} for image, values in per_image.items()}
-    return Scores(corpus=ordered_corpus, per_image=per_image, notes=notes)
+    return table.scores(wanted, notes)
 
 
 def format_scores(corpus: Mapping[str, float]) -> str:
