@@ -152,7 +152,7 @@ def _cacheable(decoding: DecodingConfig) -> bool:
     return not (decoding.do_sample and decoding.seed is None)
 
 
-def _open_store(captioner, features_dir: str | Path | None, split: str) -> FeatureStore | None:
+def open_feature_store(captioner, features_dir: str | Path | None, split: str) -> FeatureStore | None:
     if features_dir is None:
         return None
     try:   # a wholly fine-tuned encoder makes other features than any cache: DataError too
@@ -161,7 +161,7 @@ def _open_store(captioner, features_dir: str | Path | None, split: str) -> Featu
         return None
 
 
-def _entry(vocab: Vocabulary, hyp: Hypothesis) -> dict:
+def caption_entry(vocab: Vocabulary, hyp: Hypothesis) -> dict:
     return {"caption": vocab.decode(hyp.token_ids), "logprob": float(hyp.logprob),
             "length": len(hyp.token_ids), "finished": bool(hyp.finished)}
 
@@ -170,7 +170,7 @@ def best_entries(decode: Callable[[torch.Tensor, DecodingConfig], list[list[Hypo
                  features: torch.Tensor, decoding: DecodingConfig) -> list[dict]:
     """The one decode step of every corpus run: the best hypothesis of each (B, L, C) row as an entry
     {"caption", "logprob", "length", "finished"}."""
-    return [_entry(vocab, nbest[0]) for nbest in decode(features, decoding)]
+    return [caption_entry(vocab, nbest[0]) for nbest in decode(features, decoding)]
 
 
 def decode_store(model: ShowAttendTell, vocab: Vocabulary, store: FeatureStore, images: Sequence[str],
@@ -212,21 +212,21 @@ def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingC
     if len(set(names)) != len(names):
         raise DataError(f"split {split!r}: image names are not unique")
     total = len(names)
-    run = _split_run(captioner, decoding, split, names, cache)
+    run = split_run(captioner, decoding, split, names, cache)
     hit = run.finished()
     if hit is not None:
         if progress:
             progress(total, total)
         return hit
     done, elapsed = run.partial()
-    store = _open_store(captioner, features_dir, split)
+    store = open_feature_store(captioner, features_dir, split)
     row = store.index_of() if store is not None else {}
     todo = [it for it in items if it.image not in done]
     sources: set[str] = set()
     since_save = 0
     if progress and done:
         progress(len(done), total)
-    batches = _feature_batches(captioner, todo, store, row, batch_size, sources)
+    batches = feature_batches(captioner, todo, store, row, batch_size, sources)
     while True:
         t0 = time.perf_counter()
         got = next(batches, None)
@@ -246,8 +246,8 @@ def caption_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingC
     return result
 
 
-def _feature_batches(captioner, todo: Sequence[ImageCaptions], store: FeatureStore | None, row: dict[str, int],
-                     batch_size: int, sources: set[str]) -> Iterator[tuple[list[ImageCaptions], torch.Tensor]]:
+def feature_batches(captioner, todo: Sequence[ImageCaptions], store: FeatureStore | None, row: dict[str, int],
+                    batch_size: int, sources: set[str]) -> Iterator[tuple[list[ImageCaptions], torch.Tensor]]:
     """(items, (n, L, C) features) in decode batches of `batch_size`: first the images the feature cache
     holds, then the rest from their files through core.file_encoding's compiled, overlapped encoder."""
     cached = [it for it in todo if it.image in row]
@@ -278,11 +278,11 @@ def split_is_cached(captioner, items: Sequence[ImageCaptions], decoding: Decodin
                     cache: CaptionCache) -> bool:
     """Whether caption_split would answer from `cache` without computing anything."""
     names = [it.image for it in items]
-    return _cacheable(decoding) and _split_run(captioner, decoding, split, names, cache).finished() is not None
+    return _cacheable(decoding) and split_run(captioner, decoding, split, names, cache).finished() is not None
 
 
-def _split_run(captioner, decoding: DecodingConfig, split: str, names: list[str],
-               cache: CaptionCache | None) -> "_SplitRun":
+def split_run(captioner, decoding: DecodingConfig, split: str, names: list[str],
+              cache: CaptionCache | None) -> "_SplitRun":
     return _SplitRun(cache if cache is not None and _cacheable(decoding) else None, names, CaptionCache.make_key(
         "captions", checkpoint=captioner.checkpoint_id, decoding=decoding.to_dict(), split=split, images=names))
 

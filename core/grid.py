@@ -207,18 +207,18 @@ def caption_split_shared(captioner, items: Sequence[ImageCaptions], configs: Seq
         return [corpus.caption_split(captioner, items, c, features_dir=features_dir, split=split, cache=cache,
                                      progress=progress, batch_size=batch_size) for c in configs]
     names = [it.image for it in items]
-    runs = [corpus._split_run(captioner, c, split, names, cache) for c in configs]
+    runs = [corpus.split_run(captioner, c, split, names, cache) for c in configs]
     hits = [run.finished() for run in runs]
     if all(hit is not None for hit in hits):
         if progress:
             progress(len(names), len(names))
         return hits
-    store = corpus._open_store(captioner, features_dir, split)
+    store = corpus.open_feature_store(captioner, features_dir, split)
     row = store.index_of() if store is not None else {}
     sources: set[str] = set()
     done: list[dict[str, dict]] = [{} for _ in configs]
     elapsed = 0.0
-    batches = corpus._feature_batches(captioner, items, store, row, batch_size, sources)
+    batches = corpus.feature_batches(captioner, items, store, row, batch_size, sources)
     while True:
         t0 = time.perf_counter()
         got = next(batches, None)
@@ -228,7 +228,8 @@ def caption_split_shared(captioner, items: Sequence[ImageCaptions], configs: Seq
         per_alpha = beam_search_penalties(captioner.model, feats.to(captioner.device).float(), configs[0],
                                           [c.length_penalty for c in configs], captioner.vocab)
         for captions, nbests in zip(done, per_alpha):
-            captions.update((it.image, corpus._entry(captioner.vocab, nbest[0])) for it, nbest in zip(chunk, nbests))
+            captions.update((it.image, corpus.caption_entry(captioner.vocab, nbest[0]))
+                            for it, nbest in zip(chunk, nbests))
         elapsed += time.perf_counter() - t0
         if progress:
             progress(len(done[0]), len(names))
