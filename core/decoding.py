@@ -40,39 +40,55 @@ __all__ = ["NEG_INF", "DecodingConfig", "Hypothesis", "beam_search", "generate",
 
 def _decode_paths(model: nn.Module, features: Tensor, config: DecodingConfig, rules: LogitsRules,
                   pick: Callable[[Tensor], Tensor], temperature: float) -> list[Hypothesis]:
-    """Run every row until it emits <end> (or max_length); `pick` chooses the next token from (R, V) scores."""
-    R = features.shape[0]
+    """Run every row until it emits <end> (or max_length); `pick` chooses the next token from (R, V) scores.
+
+    Finished rows leave the batch (the state is compacted once an eighth of the live rows is done), so a
+    batch costs its captions' lengths, not R times the longest one's."""
+    R, T = features.shape[0], config.max_length
+    device = features.device
     state = model.init_state(features)
-    tokens = torch.full((R,), START_ID, dtype=torch.long, device=features.device)
-    history = tokens.new_zeros((R, 0))
-    done = torch.zeros(R, dtype=torch.bool, device=features.device)
-    logprobs, alphas, betas = [], [], []
-    for t in range(config.max_length):
+    live = torch.arange(R, device=device)                 # original row of each live row
+    tokens = torch.full((R,), START_ID, dtype=torch.long, device=device)
+    history = tokens.new_zeros((R, 0))                    # of the live rows
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    tok = torch.full((R, T), END_ID, dtype=torch.long, device=device)
+    lp = torch.zeros((R, T), device=device)
+    att = torch.zeros((R, T, features.shape[1]), device=device)
+    bet = torch.zeros((R, T), device=device)
+    steps = 0
+    for t in range(T):
         logits, alpha, beta, state = model.step(tokens, state)
         logp = log_probs(rules.reshape(logits, history), temperature)
         scores = rules.constrain(logp, history, t)
         tokens = pick(scores)
-        logprobs.append(logp.gather(1, tokens[:, None]).squeeze(1))
-        alphas.append(alpha)
-        betas.append(beta.squeeze(1))
+        tok[live, t] = tokens
+        lp[live, t] = logp.gather(1, tokens[:, None]).squeeze(1).float()
+        att[live, t] = alpha.float()
+        bet[live, t] = beta.squeeze(1).float()
         history = torch.cat([history, tokens[:, None]], dim=1)
         done |= tokens == END_ID
-        if bool(done.all()):
+        steps = t + 1
+        n_done = int(done.sum())
+        if n_done == len(live):
             break
-    tok = history.cpu().numpy()
-    lp = torch.stack(logprobs, 1).cpu().numpy()
-    att = torch.stack(alphas, 1).float().cpu().numpy()
-    bet = torch.stack(betas, 1).float().cpu().numpy()
+        if n_done * 8 >= len(live):                      # drop the finished rows from the batch
+            keep = (~done).nonzero().squeeze(1)
+            live, tokens, history = live[keep], tokens[keep], history[keep]
+            state = state.index_select(keep)
+            done = done[keep]
+    tok, lp = tok[:, :steps].cpu().numpy(), lp[:, :steps].cpu().numpy()
+    att, bet = att[:, :steps].cpu().numpy(), bet[:, :steps].cpu().numpy()
     out = []
     for r in range(R):
         ends = np.flatnonzero(tok[r] == END_ID)
-        finished = ends.size > 0
-        steps = int(ends[0]) + 1 if finished else tok.shape[1]
-        token_logprobs = [float(x) for x in lp[r, :steps]]
-        score = float(np.sum(lp[r, :steps], dtype=np.float64)) / length_penalty_factor(steps, config.length_penalty)
-        out.append(Hypothesis(token_ids=[int(x) for x in tok[r, :steps - 1 if finished else steps]],
-                              token_logprobs=token_logprobs, attention=att[r, :steps].copy(),
-                              betas=bet[r, :steps].copy(), finished=finished, score=score))
+        finished = ends.size > 0      # every END in tok was emitted: a row is written until it ends
+        row_steps = int(ends[0]) + 1 if finished else steps
+        token_logprobs = [float(x) for x in lp[r, :row_steps]]
+        score = float(np.sum(lp[r, :row_steps], dtype=np.float64)) / length_penalty_factor(row_steps,
+                                                                                          config.length_penalty)
+        out.append(Hypothesis(token_ids=[int(x) for x in tok[r, :row_steps - 1 if finished else row_steps]],
+                              token_logprobs=token_logprobs, attention=att[r, :row_steps].copy(),
+                              betas=bet[r, :row_steps].copy(), finished=finished, score=score))
     return out
 
 

@@ -158,6 +158,7 @@ class ScstConfig:
     bleu_weight: float = 0.0      # reward = CIDEr-D + w * sentence BLEU-4: w > 0 favours n-gram precision of
                                   # longer phrases, which CIDEr-D alone trades for shorter captions
     max_steps: int = 0
+    keep_snapshots: bool = False  # also keep OUT/step-NNNNN.safetensors at every evaluation, for core.average
     seed: int = 0
     threads: int = 0
 
@@ -309,6 +310,8 @@ class _ScstRun:
         log_lines.append(json.dumps(record))
         counters["log_lines"] = len(log_lines)
         self.save(self.last_path, (bleu4, cider), counters, torch.float32)
+        if self.cfg.keep_snapshots:
+            self.save(self.out / f"step-{counters['steps']:05d}.safetensors", (bleu4, cider), counters, torch.float32)
         save_train_state(self.state_path, optimizer=self.optimizer, scheduler=None, counters=counters)
         atomic_write_text(self.log_path, "".join(l + "\n" for l in log_lines))
         print(f"step {counters['steps']}: dev BLEU-4 {100 * bleu4:.2f} CIDEr-D {cider:.3f} | reward sample "

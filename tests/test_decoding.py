@@ -118,6 +118,26 @@ def test_one_decoder_step_per_time_step_for_the_whole_batch(model, features):
     assert all(b <= a for a, b in zip(calls, calls[1:]))   # finished images leave the batch
 
 
+def test_greedy_drops_finished_rows_and_each_row_decodes_as_if_alone(model, features):
+    calls = []
+    original = model.step
+    model.step = lambda tokens, state: calls.append(tokens.shape[0]) or original(tokens, state)
+    try:
+        config = DecodingConfig(beam_size=1, max_length=20, no_repeat_ngram_size=2)
+        batch = greedy(model, features, config)
+    finally:
+        del model.step
+    assert calls[0] == len(features) and calls[-1] < len(features)   # the batch shrank as rows finished
+    assert all(b <= a for a, b in zip(calls, calls[1:]))
+    assert sum(calls) < len(features) * len(calls)
+    for i, [h] in enumerate(batch):
+        [alone] = greedy(model, features[i:i + 1], config)[0]   # the row on its own
+        assert h.token_ids == alone.token_ids and h.finished == alone.finished
+        assert h.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-6)
+        np.testing.assert_allclose(h.attention, alone.attention, atol=1e-6)
+        np.testing.assert_allclose(h.betas, alone.betas, atol=1e-6)
+
+
 # -- what a hypothesis carries ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("config", [DecodingConfig(beam_size=1), DecodingConfig(beam_size=3),

@@ -83,7 +83,7 @@ def _run(args, tiny_checkpoint, tiny_flickr, tiny_features, out, **kw):
 
 def test_cli_logs_checkpoints_and_resumes_exactly(tiny_checkpoint, tiny_flickr, tiny_features, tmp_path, capsys):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _run(["--max-steps", "4"], tiny_checkpoint, tiny_flickr, tiny_features, straight) == 0
+    assert _run(["--max-steps", "4", "--keep-snapshots"], tiny_checkpoint, tiny_flickr, tiny_features, straight) == 0
     # "killed" after the first evaluation, then resumed
     assert _run(["--max-steps", "2"], tiny_checkpoint, tiny_flickr, tiny_features, killed) == 0
     assert _run(["--max-steps", "4", "--resume"], tiny_checkpoint, tiny_flickr, tiny_features, killed) == 0
@@ -118,6 +118,14 @@ def test_cli_logs_checkpoints_and_resumes_exactly(tiny_checkpoint, tiny_flickr, 
         torch.testing.assert_close(resumed[name], w, rtol=1e-5, atol=1e-6)
         changed |= not torch.allclose(w, init_w[name], atol=1e-4)
     assert changed
+    # --keep-snapshots: one float32 copy per evaluation (for core.average); the last one is last.safetensors
+    assert sorted(p.name for p in straight.glob("step-*.safetensors")) == ["step-00002.safetensors",
+                                                                            "step-00004.safetensors"]
+    assert not list(killed.glob("step-*.safetensors"))
+    snapshot = load_checkpoint(straight / "step-00004.safetensors")
+    assert snapshot.training["steps"] == 4 and snapshot.metadata.dtype == "float32"
+    for name, w in snapshot.model.state_dict().items():
+        assert torch.equal(w, last.model.state_dict()[name])
 
 
 def test_bad_input_is_a_one_line_error(tiny_flickr, tiny_features, tmp_path, capsys):
