@@ -169,8 +169,8 @@ def decode_grid(captioner, items: Sequence[ImageCaptions], settings: Sequence[De
                 features_dir: str | Path | None, split: str, cache=None, progress: Progress | None = None,
                 batch_size: int = 250) -> tuple[list[dict[str, dict]], list[float], float] | None:
     """Captions and decode seconds per setting (a shared search's seconds for each setting it served), and
-    the total decode seconds. Under torchrun each rank runs every world-th search and rank 0 gets them all
-    (the other ranks get None)."""
+    the total decode seconds (reading the features included). Under torchrun each rank runs every world-th
+    search and rank 0 gets them all (the other ranks get None)."""
     searches: dict[tuple, list[DecodingConfig]] = {}      # search -> its distinct settings (one per α)
     for config in settings:
         group = searches.setdefault(search_key(config), [])
@@ -178,65 +178,68 @@ def decode_grid(captioner, items: Sequence[ImageCaptions], settings: Sequence[De
             group.append(config)
     todo = list(searches.values())
     rank, world = dist_info()
-    mine = [k for k in range(len(todo)) if k % world == rank]
-    done: dict[tuple, tuple[dict, float]] = {}
-    n = len(items)
-    for step, k in enumerate(mine):
-        report = (lambda d, t, s=step: progress(s * n + d, len(mine) * n)) if progress else None
-        runs = caption_split_shared(captioner, items, todo[k], features_dir=features_dir, split=split,
-                                    cache=cache, progress=report, batch_size=batch_size)
-        done.update((decode_key(c), (run.captions, float(run.decode_s))) for c, run in zip(todo[k], runs))
+    mine = [todo[k] for k in range(len(todo)) if k % world == rank]
+    t0 = time.perf_counter()
+    runs = decode_searches(captioner, items, mine, features_dir=features_dir, split=split, cache=cache,
+                           progress=progress, batch_size=batch_size)
+    done: dict[tuple, tuple[dict, float]] = {
+        decode_key(c): (run.captions, float(run.decode_s)) for group, group_runs in zip(mine, runs)
+        for c, run in zip(group, group_runs)}
+    total = {rank: time.perf_counter() - t0}
     if world > 1:
         gathered: list | None = [None] * world if rank == 0 else None
-        torch.distributed.gather_object(done, gathered, dst=0)
+        torch.distributed.gather_object((done, total), gathered, dst=0)
         if rank != 0:
             return None
-        done = {k: v for part in gathered for k, v in part.items()}
+        done = {k: v for part, _ in gathered for k, v in part.items()}
+        total = {r: t for _, part in gathered for r, t in part.items()}
     per_setting = [done[decode_key(c)] for c in settings]
-    total = sum(done[decode_key(group[0])][1] for group in todo)
-    return [p[0] for p in per_setting], [p[1] for p in per_setting], float(total)
+    return [p[0] for p in per_setting], [p[1] for p in per_setting], float(sum(total.values()))
 
 
-def caption_split_shared(captioner, items: Sequence[ImageCaptions], configs: Sequence[DecodingConfig], *,
-                         features_dir: str | Path | None, split: str, cache=None, progress: Progress | None = None,
-                         batch_size: int = 250) -> list:
-    """`corpus.caption_split` of each config, for configs that one search serves (equal `search_key`): beam
-    settings differing only in α run one `beam_search_penalties`. Each result is cached as caption_split
-    caches it (and read from there when every config is cached)."""
+def _search(captioner, feats: torch.Tensor, configs: Sequence[DecodingConfig]) -> list[list[dict]]:
+    """The best-caption entries of one batch for each config of one search (equal `search_key`)."""
     if len(configs) == 1 or configs[0].mode != "beam":
-        return [corpus.caption_split(captioner, items, c, features_dir=features_dir, split=split, cache=cache,
-                                     progress=progress, batch_size=batch_size) for c in configs]
+        return [corpus.best_entries(captioner.decode, captioner.vocab, feats, c) for c in configs]
+    per_alpha = beam_search_penalties(captioner.model, feats.to(captioner.device).float(), configs[0],
+                                      [c.length_penalty for c in configs], captioner.vocab)
+    return [[corpus.caption_entry(captioner.vocab, nbest[0]) for nbest in nbests] for nbests in per_alpha]
+
+
+def decode_searches(captioner, items: Sequence[ImageCaptions], searches: Sequence[Sequence[DecodingConfig]], *,
+                    features_dir: str | Path | None, split: str, cache=None, progress: Progress | None = None,
+                    batch_size: int = 250) -> list[list[corpus.SplitCaptions]]:
+    """`corpus.caption_split` of every config of every search, with each batch of features read (or encoded)
+    once for all the searches: a fine-tuned encoder tail or the image files cost one pass, not one per
+    search. Configs one search serves (equal `search_key`, e.g. beam settings differing only in α) run one
+    `beam_search_penalties`. Each result is cached as caption_split caches it, and searches whose configs
+    are all cached are not run. A search's `decode_s` is its own decoding time, without the reading."""
     names = [it.image for it in items]
-    runs = [corpus.split_run(captioner, c, split, names, cache) for c in configs]
-    hits = [run.finished() for run in runs]
-    if all(hit is not None for hit in hits):
+    split_runs = [[corpus.split_run(captioner, c, split, names, cache) for c in group] for group in searches]
+    results: list[list[corpus.SplitCaptions | None]] = [[run.finished() for run in group] for group in split_runs]
+    pending = [k for k, group in enumerate(results) if any(hit is None for hit in group)]
+    if not pending:
         if progress:
             progress(len(names), len(names))
-        return hits
+        return results
     store = corpus.open_feature_store(captioner, features_dir, split)
     row = store.index_of() if store is not None else {}
     sources: set[str] = set()
-    done: list[dict[str, dict]] = [{} for _ in configs]
-    elapsed = 0.0
-    batches = corpus.feature_batches(captioner, items, store, row, batch_size, sources)
-    while True:
-        t0 = time.perf_counter()
-        got = next(batches, None)
-        if got is None:
-            break
-        chunk, feats = got
-        per_alpha = beam_search_penalties(captioner.model, feats.to(captioner.device).float(), configs[0],
-                                          [c.length_penalty for c in configs], captioner.vocab)
-        for captions, nbests in zip(done, per_alpha):
-            captions.update((it.image, corpus.caption_entry(captioner.vocab, nbest[0]))
-                            for it, nbest in zip(chunk, nbests))
-        elapsed += time.perf_counter() - t0
+    done = {k: [dict() for _ in searches[k]] for k in pending}
+    elapsed = dict.fromkeys(pending, 0.0)
+    for chunk, feats in corpus.feature_batches(captioner, items, store, row, batch_size, sources):
+        for k in pending:
+            t0 = time.perf_counter()
+            for captions, entries in zip(done[k], _search(captioner, feats, searches[k])):
+                captions.update(zip((it.image for it in chunk), entries))
+            elapsed[k] += time.perf_counter() - t0
         if progress:
-            progress(len(done[0]), len(names))
-    results = [corpus.SplitCaptions({n: captions[n] for n in names}, elapsed, "+".join(sorted(sources)) or "cache")
-               for captions in done]
-    for run, result in zip(runs, results):
-        run.save(result)
+            progress(len(done[pending[0]][0]), len(names))
+    source = "+".join(sorted(sources)) or "cache"
+    for k in pending:
+        for j, run in enumerate(split_runs[k]):
+            results[k][j] = corpus.SplitCaptions({n: done[k][j][n] for n in names}, elapsed[k], source)
+            run.save(results[k][j])
     return results
 
 

@@ -132,6 +132,25 @@ def test_beam_settings_that_differ_only_in_alpha_share_one_search(tiny_checkpoin
     assert calls == [penalties] and again.captions == result.captions
 
 
+def test_features_are_read_once_for_all_searches(tiny_checkpoint, tiny_flickr, tiny_features, monkeypatch):
+    import core.grid
+
+    reads = []
+    batches = core.grid.corpus.feature_batches
+    monkeypatch.setattr(core.grid.corpus, "feature_batches", lambda *a, **k: reads.append(a[4]) or batches(*a, **k))
+    captioner = Captioner.from_checkpoint(tiny_checkpoint, encoder_weights="imagenet", device="cpu")
+    items = load_dataset(tiny_flickr).split("dev")
+    settings = build_grid(DecodingConfig(max_length=8), AXES)
+    result = evaluate_grid(captioner, items, settings, list(AXES), features_dir=tiny_features, split="dev",
+                           tokenizer="simple", with_meteor=False, batch_size=3)
+    assert reads == [3]                     # one pass over the features (3 batches) served every search
+    for config, label in zip(settings, result.labels):   # batch sizes differ: equal up to float rounding
+        alone = caption_split(captioner, items, config, features_dir=tiny_features, split="dev").captions
+        for name, entry in alone.items():
+            assert result.captions[label][name]["caption"] == entry["caption"]
+            assert result.captions[label][name]["logprob"] == pytest.approx(entry["logprob"], abs=1e-4)
+
+
 def test_changed_images_lists_only_differing_captions_biggest_change_first(tiny_grid):
     _, items, result = tiny_grid
     # a 2-token limit truncates every caption, so every image changes against the normal setting
