@@ -1,9 +1,9 @@
 """Bench 6 — a decoding grid: 3 beam widths × 3 length penalties × 2 no-repeat sizes over 1,000 dev images,
 from cached features, all seven metrics (METEOR included).
 
-Fast: `core.grid.evaluate_grid` (large decode batches, each read once for all searches, greedy decoded once for all α, one beam search for
-all α of a width and no-repeat size, every setting scored in one PTB and one METEOR JVM, each distinct
-caption scored once). Baseline: the settings one after another,
+Fast: `core.grid.evaluate_grid` (large decode batches, each read once for all searches, greedy decoded
+once for all α, one beam search for all α of a width and no-repeat size, every setting scored in one PTB and
+one METEOR JVM, each distinct caption scored once). Baseline: the settings one after another,
 naively: `caption_split` + `score_split` per setting (a tokenizer and a METEOR JVM per setting). Both must
 give the same corpus scores. Target: the grid in <= 3 min on this machine.
 """
