@@ -2,8 +2,9 @@
 
 Captioning and scoring a whole split keeps both CPU cores busy for seconds. Run inside the dashboard's server
 process it would also hold the GIL and OpenMP threads that every other session's interactive caption needs.
-`CorpusWorker` starts `python -m core.worker` once (at `nice +10`: the kernel then gives interactive work
-~90 % of the CPU whenever it wants it), sends it one job at a time over stdin, and reads JSON events back:
+`CorpusWorker` starts `python -m core.worker` once, under Linux's SCHED_IDLE policy (it runs only on CPU
+time nothing else wants; a normal thread that wakes up preempts it at once) and at `nice +10` (the fallback
+where SCHED_IDLE is refused: the kernel then gives interactive work ~90 % of the CPU), sends it one job at a time over stdin, and reads JSON events back:
 {"progress": [done, total]}, then {"done": summary} or {"error": "one line"}. The worker writes its
 results to the same on-disk `core.corpus.CaptionCache` the caller reads, so the caller simply looks them up
 when the job is done. Identical requests share one job; others wait in a queue.
@@ -70,8 +71,8 @@ class JobState:
 class CorpusWorker:
     """Client side: one worker process, one job at a time, restarted if it dies."""
 
-    def __init__(self, nice: int = WORKER_NICE):
-        self.nice = nice
+    def __init__(self, nice: int = WORKER_NICE, idle: bool = True):
+        self.nice, self.idle = nice, idle
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._queue: list[JobState] = []
@@ -108,7 +109,8 @@ class CorpusWorker:
         if self._proc is None or self._proc.poll() is not None:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "core.worker", "--nice", str(self.nice)], cwd=REPO_ROOT, env=env,
+                [sys.executable, "-m", "core.worker", "--nice", str(self.nice), *(["--idle"] * self.idle)],
+                cwd=REPO_ROOT, env=env,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
         return self._proc
 
@@ -192,12 +194,24 @@ def run_job(job: CorpusJob, loaded: dict) -> dict:
     return summary
 
 
+def lower_to_idle_policy() -> bool:
+    """SCHED_IDLE for this thread and every thread it starts later (OpenMP's, the METEOR JVM): call it before
+    torch is imported. Lowering one's own policy needs no privilege; False where the OS refuses it."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
 def main() -> int:
     if "--nice" in sys.argv:
         try:
             os.nice(int(sys.argv[sys.argv.index("--nice") + 1]))
         except (OSError, ValueError, IndexError):
             pass
+    if "--idle" in sys.argv:
+        lower_to_idle_policy()
     global _events
     # events get fd 1 to themselves; anything else that prints (libraries, the JVM) goes to stderr
     _events = os.fdopen(os.dup(1), "w", buffering=1)

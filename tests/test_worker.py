@@ -1,6 +1,9 @@
 """core.worker: corpus jobs run in a separate low-priority process and land in the shared on-disk cache."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from core import corpus
@@ -13,6 +16,12 @@ from core.worker import WORKER_NICE, CorpusJob, CorpusWorker
 def _nice_of(pid: int) -> int:
     # /proc/PID/stat: field 19 is the nice value (after the parenthesised command name)
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def _idle_policy_allowed() -> bool:
+    probe = "from core.worker import lower_to_idle_policy; print(lower_to_idle_policy())"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1]).stdout.strip() == "True"
 
 
 def test_job_runs_at_low_priority_and_fills_the_callers_cache(tiny_checkpoint, tiny_flickr, tmp_path):
@@ -28,6 +37,8 @@ def test_job_runs_at_low_priority_and_fills_the_callers_cache(tiny_checkpoint, t
         assert summary["images"] == 5 and len(summary["runs"]) == 2
         assert first.progress == (10, 10)
         assert _nice_of(worker._proc.pid) >= WORKER_NICE
+        if _idle_policy_allowed():                               # and it only takes CPU nothing else wants
+            assert os.sched_getscheduler(worker._proc.pid) == os.SCHED_IDLE
         captioner = Captioner.from_checkpoint(tiny_checkpoint)
         items = load_dataset(tiny_flickr).split("dev")[:5]
         cache = corpus.CaptionCache(tmp_path / "cache")
