@@ -101,7 +101,7 @@ def _under_load(args, captioner, items, tmp: Path) -> Row | None:
     return Row("first_visit", "caption under load (beam 5, new image)", f"{loaded['worker']:.0f} ms",
                f"{loaded['in-process']:.0f} ms job in-process", loaded["in-process"] / loaded["worker"],
                "<= 2x idle", loaded["worker"] <= 2 * base,
-               [f"idle {base:.0f} ms; while the worker (nice +10) captions {len(items)} images: "
+               [f"idle {base:.0f} ms; while the worker (SCHED_IDLE, nice +10) captions {len(items)} images: "
                 f"{loaded['worker'] / base:.2f}x idle; while the same job runs in the caller's process: "
                 f"{loaded['in-process'] / base:.2f}x idle"])
 
