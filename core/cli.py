@@ -48,25 +48,33 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
     return added
 
 
+KNOB_FIELDS = ("top_p", "repetition_penalty", "min_length", "num_beam_groups", "diversity_penalty", "bad_words")
+
+
 def add_decoding_knobs(parser: argparse.ArgumentParser, *, sampling: bool = True) -> None:
     """--top-p (when the CLI samples), --repetition-penalty, --min-length, --num-beam-groups,
-    --diversity-penalty and --bad-words; `decoding_knobs(args)` reads them back as DecodingConfig fields."""
-    knobs = parser.add_argument_group("decoding knobs (Hugging Face generate's names)")
+    --diversity-penalty and --bad-words; `decoding_knobs(args)` reads back the ones given as DecodingConfig
+    fields. A knob not given keeps the checkpoint's stored setting (the values below are the library's)."""
+    knobs = parser.add_argument_group("decoding knobs (Hugging Face generate's names; default: the checkpoint's)")
     if sampling:
-        knobs.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: 1 = off")
-    knobs.add_argument("--repetition-penalty", type=float, default=1.0,
+        knobs.add_argument("--top-p", type=float, default=None, help="nucleus sampling: 1 = off")
+    knobs.add_argument("--repetition-penalty", type=float, default=None,
                        help="> 1 discourages words already generated (1 = off)")
-    knobs.add_argument("--min-length", type=int, default=0, help="no <end> before this many tokens (incl. <end>)")
-    knobs.add_argument("--num-beam-groups", type=int, default=1, help="diverse beam search: groups of beams")
-    knobs.add_argument("--diversity-penalty", type=float, default=0.0,
+    knobs.add_argument("--min-length", type=int, default=None, help="no <end> before this many tokens (incl. <end>)")
+    knobs.add_argument("--num-beam-groups", type=int, default=None, help="diverse beam search: groups of beams")
+    knobs.add_argument("--diversity-penalty", type=float, default=None,
                        help="diverse beam search: penalty for a word an earlier group picked at this step")
-    knobs.add_argument("--bad-words", nargs="+", default=[], metavar="WORD", help="words no caption may contain")
+    knobs.add_argument("--bad-words", nargs="+", default=None, metavar="WORD", help="words no caption may contain")
 
 
 def decoding_knobs(args: argparse.Namespace) -> dict:
-    """The knobs `add_decoding_knobs` added, as DecodingConfig keyword arguments."""
-    names = ("top_p", "repetition_penalty", "min_length", "num_beam_groups", "diversity_penalty", "bad_words")
-    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+    """The knobs `add_decoding_knobs` added that the user gave, as DecodingConfig keyword arguments."""
+    return {name: getattr(args, name) for name in KNOB_FIELDS if getattr(args, name, None) is not None}
+
+
+def stored_knobs(stored: DecodingConfig) -> dict:
+    """A checkpoint's stored knob settings (what a CLI keeps for the knobs not given)."""
+    return {name: getattr(stored, name) for name in KNOB_FIELDS if name != "top_p" or stored.do_sample}
 
 
 _BEAM_FLAGS = {"beam": "beam_size", "length_penalty": "length_penalty", "max_length": "max_length",

@@ -31,7 +31,7 @@ import numpy as np
 from core.corpus import caption_split, score_split
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
-from core.cli import add_decoding_knobs, decoding_knobs
+from core.cli import add_decoding_knobs, decoding_knobs, stored_knobs
 from core.errors import ConfigError, cli_main
 from core.grid import build_grid, setting_id
 from core.io_utils import atomic_write_json, atomic_write_text
@@ -100,7 +100,7 @@ def _grid_settings(args: argparse.Namespace, stored: DecodingConfig):
 
     axes = _grid_axes(args, stored)
     base = DecodingConfig(beam_size=axes["beam_size"][0], max_length=args.max_length or stored.max_length,
-                          **decoding_knobs(args))
+                          **{**stored_knobs(stored), **decoding_knobs(args)})
     varying = [a for a, values in axes.items() if len(dict.fromkeys(values)) > 1]
     if args.card and set(varying) - {"beam_size"}:
         raise ConfigError("--card records beam widths only: give one --length-penalty and one --no-repeat-ngram")

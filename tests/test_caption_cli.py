@@ -161,3 +161,11 @@ def test_the_checkpoints_stored_decoding_is_the_default(tiny_checkpoint, tiny_fl
     stored = caption("--nbest", "2")
     assert len(stored["hypotheses"]) == 2 and all(len(h["token_logprobs"]) <= 3 for h in stored["hypotheses"])
     assert caption("--max-length", "20")["caption"] == "a red square on a white wall"
+    # a stored knob is a default too: min_length 20 keeps <end> out of the first 19 tokens
+    knobbed = save_checkpoint(tmp_path / "knobbed.safetensors", ckpt.model, ckpt.vocab, encoder=ckpt.encoder,
+                              training=ckpt.training, decoding={**ckpt.decoding, "beam_size": 1, "min_length": 20,
+                                                                "max_length": 25})
+    assert main(["--checkpoint", str(knobbed), "--json", image]) == 0
+    assert len(json.loads(capsys.readouterr().out)["hypotheses"][0]["token_logprobs"]) >= 20
+    assert main(["--checkpoint", str(knobbed), "--json", image, "--min-length", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["caption"] == "a red square on a white wall"

@@ -101,7 +101,8 @@ def test_flags_left_out_take_the_checkpoints_stored_decoding(tiny_checkpoint, ti
     from core.checkpoint import load_checkpoint, save_checkpoint
     from core.evaluate import main
     ckpt = load_checkpoint(tiny_checkpoint)
-    stored = {**ckpt.decoding, "beam_size": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2, "max_length": 4}
+    stored = {**ckpt.decoding, "beam_size": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2, "max_length": 4,
+              "repetition_penalty": 1.25, "min_length": 3}
     tuned = save_checkpoint(tmp_path / "tuned.safetensors", ckpt.model, ckpt.vocab, encoder=ckpt.encoder,
                             training=ckpt.training, decoding=stored)
     common = ["--checkpoint", str(tuned), "--data", str(tiny_flickr), "--features", str(tiny_features)]
@@ -109,6 +110,9 @@ def test_flags_left_out_take_the_checkpoints_stored_decoding(tiny_checkpoint, ti
     used = json.loads((tmp_path / "stored" / "metrics.json").read_text())["decoding"]
     assert {k: used[k] for k in ("beam_size", "length_penalty", "no_repeat_ngram_size", "max_length")} == \
         {"beam_size": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2, "max_length": 4}
-    assert main([*common, "--beam", "1", "--max-length", "20", "--out", str(tmp_path / "given")]) == 0
+    assert (used["repetition_penalty"], used["min_length"]) == (1.25, 3)        # the knobs too
+    assert main([*common, "--beam", "1", "--max-length", "20", "--repetition-penalty", "1", "--out",
+                 str(tmp_path / "given")]) == 0
     given = json.loads((tmp_path / "given" / "metrics.json").read_text())["decoding"]
     assert (given["beam_size"], given["max_length"], given["length_penalty"]) == (1, 20, 0.5)
+    assert (given["repetition_penalty"], given["min_length"]) == (1.0, 3)

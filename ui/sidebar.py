@@ -86,7 +86,7 @@ DECODING_CONTROLS: dict[str, Control | WordsControl] = {
     "top_p": Control("dec_top_p", "Top-p (1 = all)", 0.05, 1.0, 0.05,
                      "Nucleus sampling: sample from the smallest set of top words whose probability reaches p "
                      "(after top-k)."),
-    "repetition_penalty": Control("dec_repetition_penalty", "Repetition penalty", 1.0, 3.0, 0.05,
+    "repetition_penalty": Control("dec_repetition_penalty", "Repetition penalty", 1.0, 3.0, 0.01,
                                   "Hugging Face's rule: each word already in the caption has its logit divided "
                                   "by this (multiplied when negative). 1 = off; larger = fewer repeated words."),
     "min_length": Control("dec_min_length", "Min length", 0, 50, 1,
