@@ -92,7 +92,7 @@ def _typed_caption(captioner: Captioner, args: argparse.Namespace, decoding: Dec
             feats = captioner.features(path, name=path)[0]
             best = captioner.decode(feats.unsqueeze(0), decoding)[0][0]
             if args.score is not None:
-                out = _score_json(captioner, feats, text, best)
+                out = _score_json(captioner, feats, text, best, decoding)
             else:
                 hyps = beam_trace.continue_caption(captioner.model, feats, decoding, prepared.token_ids,
                                                     vocab=captioner.vocab)
@@ -118,8 +118,8 @@ def _typed_caption(captioner: Captioner, args: argparse.Namespace, decoding: Dec
     return 1 if failed else 0
 
 
-def _score_json(captioner: Captioner, feats, text: str, best) -> dict:
-    scored = scoring.score_caption(captioner, feats, text)
+def _score_json(captioner: Captioner, feats, text: str, best, decoding: DecodingConfig) -> dict:
+    scored = scoring.score_caption(captioner, feats, text, repetition_penalty=decoding.repetition_penalty)
     return {"caption": " ".join(scored.words[:-1]), **scored.to_json(),
             "best": {"caption": " ".join(captioner.words(best)), "logprob": best.logprob,
                      "per_token": best.logprob / max(best.length, 1)}}

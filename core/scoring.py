@@ -99,9 +99,11 @@ def prepare_caption(text: str, vocab, *, allow_oov: bool = True, what: str = "ca
     return PreparedCaption(words, ids, oov, notes)
 
 
-def score_caption(captioner, features: torch.Tensor, text: str) -> CaptionScore:
-    """Teacher-forced score of typed text on one image's (L, C) features."""
+def score_caption(captioner, features: torch.Tensor, text: str, *, repetition_penalty: float = 1.0) -> CaptionScore:
+    """Teacher-forced score of typed text on one image's (L, C) features; `repetition_penalty` as the
+    decoding setting it is compared with (it reshapes the distribution; the other knobs only constrain)."""
     prepared = prepare_caption(text, captioner.vocab)
-    scored = score_tokens(captioner.model, features, prepared.token_ids, score_unk=True)
+    scored = score_tokens(captioner.model, features, prepared.token_ids, score_unk=True,
+                          repetition_penalty=repetition_penalty)
     return CaptionScore(prepared.words + ["<end>"], scored.token_ids, scored.logprobs, scored.attention,
                         scored.betas, prepared.oov, prepared.notes)

@@ -25,11 +25,16 @@ def image_path(tiny_flickr):
     return sorted((tiny_flickr / "images").glob("*.jpg"))[2]
 
 
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
 @pytest.mark.parametrize("beam", [1, 3])
-def test_scoring_the_models_own_caption_gives_its_logprobs_token_by_token(captioner, image_path, beam):
+def test_scoring_the_models_own_caption_gives_its_logprobs_token_by_token(captioner, image_path, beam, penalty):
     feats = captioner.features(image_path)[0]
-    hyp = captioner.decode(feats[None], DecodingConfig(beam_size=beam))[0][0]
-    scored = score_caption(captioner, feats, " ".join(captioner.words(hyp)))
+    hyp = captioner.decode(feats[None], DecodingConfig(beam_size=beam, repetition_penalty=penalty))[0][0]
+    words = captioner.words(hyp)
+    scored = score_caption(captioner, feats, " ".join(words), repetition_penalty=penalty)
+    if penalty != 1.0:   # the penalty reshapes the distribution: scoring without it would not give these back
+        plain = score_caption(captioner, feats, " ".join(words))
+        assert np.abs(plain.logprobs - np.asarray(hyp.token_logprobs)).max() > 1e-3
     assert scored.words == captioner.words(hyp) + ["<end>"] and not scored.oov
     np.testing.assert_allclose(scored.logprobs, hyp.token_logprobs, atol=1e-5)
     np.testing.assert_allclose(scored.attention, hyp.attention, atol=1e-5)
@@ -78,12 +83,14 @@ def test_html_emoji_and_punctuation_are_cleaned_and_reported(captioner):
     assert any("🐶" in n for n in prepared.notes)
 
 
-def test_cli_score_gives_back_the_decoded_logprob(tiny_checkpoint, image_path):
-    decoded = run_cli("core.caption", str(image_path), "--checkpoint", str(tiny_checkpoint), "--beam", "3", "--json")
+@pytest.mark.parametrize("knobs", [[], ["--repetition-penalty", "1.5"]], ids=["plain", "repetition-penalty"])
+def test_cli_score_gives_back_the_decoded_logprob(tiny_checkpoint, image_path, knobs):
+    decoded = run_cli("core.caption", str(image_path), "--checkpoint", str(tiny_checkpoint), "--beam", "3", "--json",
+                      *knobs)
     assert decoded.returncode == 0, decoded.stderr
     best = json.loads(decoded.stdout)["hypotheses"][0]
     scored = run_cli("core.caption", str(image_path), "--checkpoint", str(tiny_checkpoint), "--beam", "3",
-                     "--score", best["caption"], "--json")
+                     "--score", best["caption"], "--json", *knobs)
     assert scored.returncode == 0, scored.stderr
     out = json.loads(scored.stdout)
     assert out["logprob"] == pytest.approx(best["logprob"], abs=1e-4)
@@ -92,7 +99,7 @@ def test_cli_score_gives_back_the_decoded_logprob(tiny_checkpoint, image_path):
     assert out["best"]["caption"] == best["caption"] and out["oov"] == []
     words = best["caption"].split()
     forced = run_cli("core.caption", str(image_path), "--checkpoint", str(tiny_checkpoint), "--beam", "3",
-                     "--prefix", " ".join(words[:2]), "--json")
+                     "--prefix", " ".join(words[:2]), "--json", *knobs)
     assert forced.returncode == 0, forced.stderr
     continued = json.loads(forced.stdout)
     assert continued["caption"] == best["caption"] and continued["prefix"] == " ".join(words[:2])

@@ -43,8 +43,9 @@ def random_baseline(checkpoint_id: str, content_key: str, decoding: dict, index:
 
 
 @st.cache_data(max_entries=128, show_spinner="Scoring the caption…")
-def score(checkpoint_id: str, content_key: str, text: str, _captioner, _features) -> scoring.CaptionScore:
-    return scoring.score_caption(_captioner, _features, text)
+def score(checkpoint_id: str, content_key: str, text: str, repetition_penalty: float, _captioner,
+          _features) -> scoring.CaptionScore:
+    return scoring.score_caption(_captioner, _features, text, repetition_penalty=repetition_penalty)
 
 
 @st.cache_data(max_entries=64, show_spinner="Continuing the caption…")
@@ -131,13 +132,14 @@ def render_random_baseline(captioner, image: Image.Image, hyp: Hypothesis, key: 
 
 def render_score(captioner, image: Image.Image, features, hyp: Hypothesis, words: list[str], key: dict, *,
                  opacity: float, cmap: str, smooth: bool) -> None:
+    penalty = float(key["decoding"].get("repetition_penalty", 1.0))
     text_key = f"att_score_text_{key['sig']}"
     if text_key not in st.session_state:
         st.session_state[text_key] = " ".join(words)
     text = st.text_input("Caption to score", key=text_key, max_chars=scoring.MAX_CHARACTERS,
                          help="Type a caption or edit the model's. Unknown words are named and scored as <unk>.")
     try:
-        scored = score(captioner.checkpoint_id, key["item"], text, captioner, features)
+        scored = score(captioner.checkpoint_id, key["item"], text, penalty, captioner, features)
     except CaptionScopeError as e:
         st.error(str(e))
         return
@@ -156,7 +158,9 @@ def render_score(captioner, image: Image.Image, features, hyp: Hypothesis, words
     st.dataframe(frame.style.apply(lambda row: ["background-color: #fee2e2" if row["unlikely"] else ""] * len(row),
                                    axis=1).format({"p(word)": "{:.3f}", "β": "{:.2f}"}),
                  hide_index=True, width="stretch", column_config={"unlikely": None})
-    st.caption(f"Highlighted: p(word) < {scoring.UNLIKELY:.0%}. The total counts <end>, as the decoder's log-prob does.")
+    st.caption(f"Highlighted: p(word) < {scoring.UNLIKELY:.0%}. The total counts <end>, as the decoder's log-prob does."
+               + (f" Scored with the decoding's repetition penalty ({penalty:g}), which reshapes the model's "
+                  "distribution as it does for the decoder's own captions." if penalty != 1.0 else ""))
     pick_key = f"att_score_word_{key['sig']}"
     if st.session_state.get(pick_key) not in range(len(scored.words)):
         st.session_state[pick_key] = 0
