@@ -24,8 +24,8 @@ from PIL import Image, ImageDraw, ImageFont
 from core.decoding import DecodingConfig, Hypothesis
 from core.decoding_rules import log_probs
 from core.errors import ConfigError
-from core.logits_rules import penalise_repetitions
 from core.images import DISPLAY_FILL, DisplayBox, display_box, letterbox
+from core.logits_rules import LogitsRules
 from core.text import END, END_ID, PAD_ID, START_ID, UNK_ID
 
 OCCLUSION_FILL = (124, 116, 104)   # ImageNet mean colour: "no information" rather than a black/white edge
@@ -246,15 +246,16 @@ class TokenScores:
 
 
 def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, include_end: bool = True,
-                 score_unk: bool = False, repetition_penalty: float = 1.0) -> TokenScores:
+                 score_unk: bool = False, rules: LogitsRules = LogitsRules()) -> TokenScores:
     """Log-probabilities the model gives a fixed caption (teacher forcing through `model.step`).
 
     `token_ids` are the words (a leading <start> / trailing <end> are tolerated and stripped). The
     distribution excludes the never-generated tokens, as decoding does, so for the decoder's own caption
     this reproduces its `token_logprobs`. include_end=False scores the words only (an unfinished caption).
     score_unk=True scores a typed <unk> target against the distribution with <unk> in it (it has a
-    probability then, instead of log 0). `repetition_penalty` reshapes each step's distribution by the words
-    before it, as decoding with that setting does, so a caption decoded with it gets its own log-probs back.
+    probability then, instead of log 0). `rules` (a decoding setting's `LogitsRules`) reshape each step's
+    distribution by the words before it, as decoding does, so a caption decoded with a repetition penalty gets
+    its own log-probs back; their constraints are not applied (they never change a log-prob).
     """
     ids = [int(t) for t in token_ids]
     if ids and ids[0] == START_ID:
@@ -278,8 +279,7 @@ def score_tokens(model, features: torch.Tensor, token_ids: list[int], *, include
             logprobs, alphas, betas = [], [], []
             for t, (prev, target) in enumerate(zip(inputs, targets)):
                 logits, alpha, beta, state = model.step(torch.tensor([prev], device=device), state)
-                history = torch.tensor([targets[:t]], dtype=torch.long, device=device).view(1, t)
-                logits = penalise_repetitions(logits, history, repetition_penalty)
+                logits = rules.reshape(logits, torch.tensor([targets[:t]], dtype=torch.long, device=device).view(1, t))
                 if score_unk and target == UNK_ID:
                     logits = logits.clone()
                     logits[:, [PAD_ID, START_ID]] = float("-inf")

@@ -119,7 +119,7 @@ def _typed_caption(captioner: Captioner, args: argparse.Namespace, decoding: Dec
 
 
 def _score_json(captioner: Captioner, feats, text: str, best, decoding: DecodingConfig) -> dict:
-    scored = scoring.score_caption(captioner, feats, text, repetition_penalty=decoding.repetition_penalty)
+    scored = scoring.score_caption(captioner, feats, text, decoding)
     return {"caption": " ".join(scored.words[:-1]), **scored.to_json(),
             "best": {"caption": " ".join(captioner.words(best)), "logprob": best.logprob,
                      "per_token": best.logprob / max(best.length, 1)}}

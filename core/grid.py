@@ -185,16 +185,16 @@ def decode_grid(captioner, items: Sequence[ImageCaptions], settings: Sequence[De
     done: dict[tuple, tuple[dict, float]] = {
         decode_key(c): (run.captions, float(run.decode_s)) for group, group_runs in zip(mine, runs)
         for c, run in zip(group, group_runs)}
-    total = {rank: time.perf_counter() - t0}
+    seconds = time.perf_counter() - t0
     if world > 1:
         gathered: list | None = [None] * world if rank == 0 else None
-        torch.distributed.gather_object((done, total), gathered, dst=0)
+        torch.distributed.gather_object((done, seconds), gathered, dst=0)
         if rank != 0:
             return None
         done = {k: v for part, _ in gathered for k, v in part.items()}
-        total = {r: t for _, part in gathered for r, t in part.items()}
+        seconds = sum(s for _, s in gathered)
     per_setting = [done[decode_key(c)] for c in settings]
-    return [p[0] for p in per_setting], [p[1] for p in per_setting], float(sum(total.values()))
+    return [p[0] for p in per_setting], [p[1] for p in per_setting], float(seconds)
 
 
 def _search(captioner, feats: torch.Tensor, configs: Sequence[DecodingConfig]) -> list[list[dict]]:

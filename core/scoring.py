@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from core.analysis import score_tokens
+from core.decoding import DecodingConfig
 from core.errors import ConfigError
+from core.logits_rules import LogitsRules
 from core.text import tokenize
 
 MAX_CHARACTERS = 1000
@@ -99,11 +101,11 @@ def prepare_caption(text: str, vocab, *, allow_oov: bool = True, what: str = "ca
     return PreparedCaption(words, ids, oov, notes)
 
 
-def score_caption(captioner, features: torch.Tensor, text: str, *, repetition_penalty: float = 1.0) -> CaptionScore:
-    """Teacher-forced score of typed text on one image's (L, C) features; `repetition_penalty` as the
-    decoding setting it is compared with (it reshapes the distribution; the other knobs only constrain)."""
+def score_caption(captioner, features: torch.Tensor, text: str, decoding: DecodingConfig | None = None) -> CaptionScore:
+    """Teacher-forced score of typed text on one image's (L, C) features, under the distribution `decoding`
+    gives its captions' log-probs (its repetition penalty reshapes it; its other knobs only constrain)."""
     prepared = prepare_caption(text, captioner.vocab)
-    scored = score_tokens(captioner.model, features, prepared.token_ids, score_unk=True,
-                          repetition_penalty=repetition_penalty)
+    rules = LogitsRules.of(decoding, captioner.vocab) if decoding is not None else LogitsRules()
+    scored = score_tokens(captioner.model, features, prepared.token_ids, score_unk=True, rules=rules)
     return CaptionScore(prepared.words + ["<end>"], scored.token_ids, scored.logprobs, scored.attention,
                         scored.betas, prepared.oov, prepared.notes)

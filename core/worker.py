@@ -4,7 +4,8 @@ Captioning and scoring a whole split keeps both CPU cores busy for seconds. Run 
 process it would also hold the GIL and OpenMP threads that every other session's interactive caption needs.
 `CorpusWorker` starts `python -m core.worker` once, under Linux's SCHED_IDLE policy (it runs only on CPU
 time nothing else wants; a normal thread that wakes up preempts it at once) and at `nice +10` (the fallback
-where SCHED_IDLE is refused: the kernel then gives interactive work ~90 % of the CPU), sends it one job at a time over stdin, and reads JSON events back:
+where SCHED_IDLE is refused: the kernel then gives interactive work ~90 % of the CPU), sends it one job at a
+time over stdin, and reads JSON events back:
 {"progress": [done, total]}, then {"done": summary} or {"error": "one line"}. The worker writes its
 results to the same on-disk `core.corpus.CaptionCache` the caller reads, so the caller simply looks them up
 when the job is done. Identical requests share one job; others wait in a queue.

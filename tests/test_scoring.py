@@ -31,7 +31,7 @@ def test_scoring_the_models_own_caption_gives_its_logprobs_token_by_token(captio
     feats = captioner.features(image_path)[0]
     hyp = captioner.decode(feats[None], DecodingConfig(beam_size=beam, repetition_penalty=penalty))[0][0]
     words = captioner.words(hyp)
-    scored = score_caption(captioner, feats, " ".join(words), repetition_penalty=penalty)
+    scored = score_caption(captioner, feats, " ".join(words), DecodingConfig(repetition_penalty=penalty))
     if penalty != 1.0:   # the penalty reshapes the distribution: scoring without it would not give these back
         plain = score_caption(captioner, feats, " ".join(words))
         assert np.abs(plain.logprobs - np.asarray(hyp.token_logprobs)).max() > 1e-3

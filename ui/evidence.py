@@ -45,7 +45,7 @@ def random_baseline(checkpoint_id: str, content_key: str, decoding: dict, index:
 @st.cache_data(max_entries=128, show_spinner="Scoring the caption…")
 def score(checkpoint_id: str, content_key: str, text: str, repetition_penalty: float, _captioner,
           _features) -> scoring.CaptionScore:
-    return scoring.score_caption(_captioner, _features, text, repetition_penalty=repetition_penalty)
+    return scoring.score_caption(_captioner, _features, text, DecodingConfig(repetition_penalty=repetition_penalty))
 
 
 @st.cache_data(max_entries=64, show_spinner="Continuing the caption…")
