@@ -31,6 +31,7 @@ import numpy as np
 from core.corpus import caption_split, score_split
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
+from core.distributed import rank_world, torchrun_group
 from core.cli import add_decoding_knobs, decoding_knobs, stored_knobs
 from core.errors import ConfigError, cli_main
 from core.grid import build_grid, setting_id
@@ -107,22 +108,8 @@ def _grid_settings(args: argparse.Namespace, stored: DecodingConfig):
     return axes, build_grid(base, axes), varying
 
 
-def _init_distributed() -> None:
-    """Under torchrun (LOCAL_RANK set), join the gloo group: the grid's settings are sharded across ranks."""
-    import os
-
-    import torch
-
-    if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    from core.captioner import Captioner
-    from core.checkpoint import default_checkpoint_path
-    from core.grid import dist_info, evaluate_grid
-
     parser = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="default: the bundled checkpoint")
     parser.add_argument("--encoder-weights", default=None,
@@ -146,7 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # the knobs sit in the base setting; every grid point is checked before the checkpoint loads
     _grid_settings(args, DecodingConfig())
-    _init_distributed()
+    # under torchrun the grid's settings are sharded across ranks, which leave the gloo group together
+    with torchrun_group("gloo"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from core.captioner import Captioner
+    from core.checkpoint import default_checkpoint_path
+    from core.grid import evaluate_grid
+
     captioner = Captioner.from_checkpoint(args.checkpoint or default_checkpoint_path(),
                                           encoder_weights=args.encoder_weights)
     stored = captioner.default_decoding()        # what a flag leaves out comes from the checkpoint
@@ -159,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(settings) == 1:
         return _evaluate_one(args, captioner, items, settings[0])
     result = evaluate_grid(captioner, items, settings, list(axes), features_dir=args.features, split=args.split)
-    if dist_info()[0] != 0:
+    if rank_world()[0] != 0:
         return 0
     out = Path(args.out)
     write_grid(result, items, out, checkpoint=str(captioner.path), split=args.split, varying=varying)
@@ -182,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate_one(args: argparse.Namespace, captioner, items: Sequence[ImageCaptions],
                   decoding: DecodingConfig) -> int:
-    from core.grid import dist_info
-
-    if dist_info()[0] != 0:
+    if rank_world()[0] != 0:
         return 0
     predictions, scores, summary = evaluate_beam(captioner, items, decoding, features_dir=args.features,
                                                  split=args.split)

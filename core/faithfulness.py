@@ -30,6 +30,7 @@ import torch
 from core import evidence
 from core.data import ImageCaptions
 from core.decoding import DecodingConfig
+from core.distributed import rank_world, torchrun_group
 from core.errors import ConfigError, DataError, cli_main
 from core.features import open_features
 from core.images import load_image
@@ -103,12 +104,6 @@ def image_rows(captioner, item: ImageCaptions, decoding: DecodingConfig, config:
     return out
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def default_workers() -> int:
     """Images scored at once in feature space: one per CPU core this process may use."""
     try:
@@ -160,7 +155,7 @@ def run_split(captioner, items: Sequence[ImageCaptions], decoding: DecodingConfi
             if progress:
                 progress(len(items), len(items))
             return hit
-    rank, world = _dist()
+    rank, world = rank_world()
     shard = np.array_split(np.arange(len(items)), world)[rank] if world > 1 else np.arange(len(items))
     store = _store(captioner, features_dir, split) if store is None else store
     workers = (default_workers() if world == 1 else 1) if workers is None else max(1, int(workers))
@@ -275,25 +270,25 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    config = FaithfulnessConfig(space=args.space, seeds=args.seeds, step=args.step)
-    decoding = DecodingConfig(beam_size=args.beam, max_length=args.max_length, length_penalty=args.length_penalty)
-    config.validate()
-    items = load_dataset(args.data).split(args.split)[: args.limit]
-    captioner = Captioner.from_checkpoint(args.checkpoint, encoder_weights=args.encoder_weights,
-                                          device="cuda" if torch.cuda.is_available() else "cpu")
-    t0 = time.perf_counter()
-    rows = run_split(captioner, items, decoding, config, features_dir=args.features, split=args.split,
-                     workers=args.workers)
-    if _dist()[0] == 0:
-        summary = {**summarise(rows), "space": config.space, "seeds": config.seeds, "step": config.step,
-                   "split": args.split, "checkpoint": Path(args.checkpoint).name, "decoding": decoding.to_dict()}
-        csv_path, json_path = write_outputs(rows, summary, args.out)
-        a, s, r = (summary[m]["mean_auc"] for m in METHODS)
-        print(f"{len(items)} images, {len(rows)} words, {time.perf_counter() - t0:.0f} s: mean deletion AUC "
-              f"attention {a:.3f}, saliency {s:.3f}, random {r:.3f}; attention beats random on "
-              f"{summary['attention']['beats_random']:.0%} of words -> {csv_path}, {json_path}")
+    with torchrun_group("gloo") as (rank, _):
+        config = FaithfulnessConfig(space=args.space, seeds=args.seeds, step=args.step)
+        decoding = DecodingConfig(beam_size=args.beam, max_length=args.max_length,
+                                  length_penalty=args.length_penalty)
+        config.validate()
+        items = load_dataset(args.data).split(args.split)[: args.limit]
+        captioner = Captioner.from_checkpoint(args.checkpoint, encoder_weights=args.encoder_weights,
+                                              device="cuda" if torch.cuda.is_available() else "cpu")
+        t0 = time.perf_counter()
+        rows = run_split(captioner, items, decoding, config, features_dir=args.features, split=args.split,
+                         workers=args.workers)
+        if rank == 0:
+            summary = {**summarise(rows), "space": config.space, "seeds": config.seeds, "step": config.step,
+                       "split": args.split, "checkpoint": Path(args.checkpoint).name, "decoding": decoding.to_dict()}
+            csv_path, json_path = write_outputs(rows, summary, args.out)
+            a, s, r = (summary[m]["mean_auc"] for m in METHODS)
+            print(f"{len(items)} images, {len(rows)} words, {time.perf_counter() - t0:.0f} s: mean deletion AUC "
+                  f"attention {a:.3f}, saliency {s:.3f}, random {r:.3f}; attention beats random on "
+                  f"{summary['attention']['beats_random']:.0%} of words -> {csv_path}, {json_path}")
     return 0
 
 

@@ -33,6 +33,7 @@ from core.batch_metrics import score_caption_sets, start_meteor
 from core.beam_search import beam_search_penalties
 from core.data import ImageCaptions
 from core.decoding import DecodingConfig
+from core.distributed import rank_world
 from core.errors import ConfigError
 from core.metrics import METRIC_NAMES, Scores
 
@@ -159,12 +160,6 @@ class GridResult:
         return self.settings[self.labels.index(label)]
 
 
-def dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def decode_grid(captioner, items: Sequence[ImageCaptions], settings: Sequence[DecodingConfig], *,
                 features_dir: str | Path | None, split: str, cache=None, progress: Progress | None = None,
                 batch_size: int = 250) -> tuple[list[dict[str, dict]], list[float], float] | None:
@@ -177,7 +172,7 @@ def decode_grid(captioner, items: Sequence[ImageCaptions], settings: Sequence[De
         if all(decode_key(c) != decode_key(config) for c in group):
             group.append(config)
     todo = list(searches.values())
-    rank, world = dist_info()
+    rank, world = rank_world()
     mine = [todo[k] for k in range(len(todo)) if k % world == rank]
     t0 = time.perf_counter()
     runs = decode_searches(captioner, items, mine, features_dir=features_dir, split=split, cache=cache,
@@ -254,7 +249,7 @@ def evaluate_grid(captioner, items: Sequence[ImageCaptions], settings: Sequence[
         raise ConfigError(f"decoding grid: {len(settings)} settings, over the limit of {MAX_SETTINGS}")
     if not items:
         raise ConfigError(f"decoding grid: the {split} split has no images")
-    rank = dist_info()[0]
+    rank = rank_world()[0]
     # the METEOR JVM takes a while to load: it does so on the other core while this one decodes
     meteor = start_meteor() if with_meteor and rank == 0 else None
     try:

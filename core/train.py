@@ -42,6 +42,7 @@ from core.corpus import decode_store, score_split
 from core.cli import add_config_arguments
 from core.data import ImageCaptions, load_dataset
 from core.decoding import DecodingConfig
+from core.distributed import rank_world, torchrun_group
 from core.encoders import build_encoder, encoder_spec, feature_key
 from core.errors import ConfigError, DataError, cli_main
 from core.features import FeatureStore, LiveFeatures, TailFeatures, cache_paths, open_features
@@ -108,12 +109,6 @@ def encode_samples(items: list[ImageCaptions], store: FeatureStore, vocab: Vocab
     return np.asarray(rows), captions
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def distributed_caption_loss(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tensor,
                              lengths: torch.Tensor, *, alpha_c: float, label_smoothing: float,
                              pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +139,7 @@ def distributed_caption_loss(logits: torch.Tensor, alphas: torch.Tensor, caption
 def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, store: FeatureStore, rows: np.ndarray,
               captions: list[torch.Tensor], cfg: TrainConfig, epoch: int, device: str, step_budget: int) -> dict:
     """One pass over the samples in a seeded order; returns mean losses, samples/s and steps taken."""
-    rank, world = _dist()
+    rank, world = rank_world()
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).numpy()
     torch.manual_seed(cfg.seed * 1000 + epoch + 1 + rank)   # dropout stream, per rank
     model.train()
@@ -275,7 +270,7 @@ def _resume(files: _RunFiles, optimizer, scheduler, model: ShowAttendTell, encod
 def _dev_scores(model: ShowAttendTell, vocab: Vocabulary, dev_store, dev_eval: list[ImageCaptions],
                 decoding: DecodingConfig, device: str) -> tuple[float, float]:
     """Dev BLEU-4 and CIDEr-D, decoded on rank 0 and broadcast (same LR schedule and early stop everywhere)."""
-    rank, world = _dist()
+    rank, world = rank_world()
     bleu4, cider = 0.0, 0.0
     if rank == 0:   # one rank decodes; the others wait at the broadcast instead of repeating the work
         predictions = decode_store(model, vocab, dev_store, [it.image for it in dev_eval], decoding, device=device)
@@ -291,7 +286,7 @@ def _dev_scores(model: ShowAttendTell, vocab: Vocabulary, dev_store, dev_eval: l
 
 def train(cfg: TrainConfig, model_cfg_overrides: dict | None = None, resume: bool = False) -> Path:
     """Run (or resume) training; returns the path of the best checkpoint."""
-    rank, world = _dist()
+    rank, world = rank_world()
     device = _device(cfg, world)
     files = _RunFiles(Path(cfg.out))
     files.out.mkdir(parents=True, exist_ok=True)
@@ -371,20 +366,11 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, dict, bool]:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, model_overrides, resume = parse_args(argv)
-        if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    cfg, model_overrides, resume = parse_args(argv)
+    with torchrun_group() as (rank, _):
         best = train(cfg, model_overrides, resume=resume)
-        if _dist()[0] == 0:
+        if rank == 0:
             print(f"best checkpoint: {best}")
-        if _dist()[1] > 1:
-            # leave together: a rank tearing gloo down while rank 0 still writes its last files made the
-            # other rank abort at exit ("terminate called without an active exception")
-            torch.distributed.barrier()
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -143,3 +143,38 @@ def test_sharded_faithfulness_equals_a_single_process_run(tiny_checkpoint, tiny_
     s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert s1["attention"]["mean_auc"] == pytest.approx(s2["attention"]["mean_auc"], abs=1e-6)
     assert s1["by_word"].keys() == s2["by_word"].keys()
+
+
+# -- core.distributed: joining and leaving the group ----------------------------------------------------------
+
+def test_outside_torchrun_the_group_helper_does_nothing(monkeypatch):
+    from core.distributed import torchrun_group
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with torchrun_group("gloo") as (rank, world):
+        assert (rank, world) == (0, 1)
+        assert not torch.distributed.is_initialized()
+
+
+def test_a_group_is_destroyed_even_when_the_run_fails(monkeypatch):
+    from core.distributed import torchrun_group
+
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match="boom"):
+        with torchrun_group("gloo") as (rank, world):
+            assert (rank, world) == (0, 1) and torch.distributed.is_initialized()
+            raise RuntimeError("boom")
+    assert not torch.distributed.is_initialized()
+
+
+def test_ranks_leave_the_group_only_after_rank_0_has_finished_its_writes(tmp_path):
+    # a rank that tore gloo down while rank 0 still wrote its outputs aborted at exit in CI (core.faithfulness)
+    torchrun(str(Path("tests") / "ddp_leave_together.py"), [str(tmp_path)])
+    finished = json.loads((tmp_path / "rank0.json").read_text())["finished_writing"]
+    for rank in (0, 1):
+        left = json.loads((tmp_path / f"left{rank}.json").read_text())
+        assert left["left"] >= finished, f"rank {rank} left before rank 0 finished writing"
+        assert left["group_after"] is False and left["rank_world_after"] == [0, 1]
+        assert left["gathered"] == [0, 1]

@@ -77,3 +77,18 @@ def test_loss_ignores_padding_and_penalises_uncovered_regions():
 def test_config_round_trip():
     cfg = ModelConfig(vocab_size=10, encoder_dim=4, dropout=0.1)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_decoding_attention_equals_the_tanh_form_training_uses():
+    # decoding scores energies as (2w)·σ(2z), training as w·tanh(z) + b: the same α, per image and per beam
+    model = tiny_model()
+    feats = torch.randn(3, 49, 8) * 4            # large energies: tanh saturates, where the forms could part
+    att = model.attention.encoder_proj(feats)
+    for rows in (3, 12):                         # one row per image, and 4 beams per image
+        h = torch.randn(rows, 7) * 3
+        with torch.enable_grad():
+            trained = model.attention(att, h)
+        with torch.inference_mode():
+            decoded = model.attention(att, h)
+        assert trained.requires_grad and not decoded.requires_grad
+        assert torch.allclose(decoded, trained, rtol=0, atol=1e-6), (decoded - trained).abs().max()
