@@ -30,15 +30,12 @@ def torchrun_group(backend: str | None = None) -> Iterator[tuple[int, int]]:
     owned = "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized()
     if owned:
         torch.distributed.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
-    failed = False
     try:
-        yield rank_world()
-    except BaseException:
-        failed = True
-        raise
+        rank, world = rank_world()
+        yield rank, world
+        # reached only when the run succeeded: a failed rank meeting here would leave the others waiting
+        if owned and world > 1:
+            torch.distributed.barrier()
     finally:
         if owned and torch.distributed.is_initialized():
-            if not failed and rank_world()[1] > 1:
-                # a failed rank would leave the others waiting here forever: only successful runs meet
-                torch.distributed.barrier()
             torch.distributed.destroy_process_group()

@@ -147,9 +147,8 @@ class MaskedScorer:
         cache-sized chunk at a time. The whole (n, L, A) sum (100 MB for 1,000 rows of 7×7 regions) would
         stream through memory three times per step; 5× slower on one core.
 
-        w·tanh(z) + b' = 2w·σ(2z) − Σw + b', and the constant drops out of the softmax: the energies are
-        scored as (2w)·σ(2z). torch's CPU tanh costs ~3.8 ns a float against sigmoid's ~0.6 ns (one core,
-        AVX-512), and tanh was 45 % of a deletion curve's time; the two forms agree to ~2e-7."""
+        Energies are scored as (2w)·σ(2z), as `SoftAttention._energy` decodes (why: there); here tanh was
+        45 % of a deletion curve's time."""
         attention = self.model.attention
         query2 = 2 * attention.decoder_proj(h)                                     # (n, A)
         n, A = query2.shape
