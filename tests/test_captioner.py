@@ -1,6 +1,7 @@
 import io
 
 import pytest
+import torch
 
 from core.captioner import Captioner
 from core.decoding import DecodingConfig
@@ -56,3 +57,14 @@ def test_corpus_path_equals_single_image_path(captioner, tiny_flickr):
     batched = caption_split(captioner, items, DecodingConfig(beam_size=3), features_dir=None, batch_size=3).captions
     single = {it.image: captioner.caption(it.path, DecodingConfig(beam_size=3)).caption for it in items}
     assert {k: v["caption"] for k, v in batched.items()} == single
+
+
+def test_encoding_many_images_equals_encoding_each_alone(captioner):
+    """encode() runs a device-sized batch at a time (4 on a CPU): 9 images come back complete, in order, each
+    with the features it gets alone."""
+    images = [draw_shape(colour, shape) for colour in ("red", "green", "blue")
+              for shape in ("circle", "square", "triangle")]
+    together = captioner.encode(images)
+    alone = torch.cat([captioner.encode([im]) for im in images])
+    assert together.shape[0] == len(images)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
