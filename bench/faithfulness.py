@@ -10,7 +10,7 @@ per word for saliency, single-threaded; it runs on the first few images and its 
 to N. Both must give the same AUCs.
 
 Pixel space: one image's caption, curves of `--pixel-step` regions per point. Fast: each distinct masked
-image encoded once, 16 per batch. Baseline: one re-encode per (word, method, point), one image at a time.
+image encoded once, in the encoder's device batch (4 on a CPU). Baseline: one re-encode per (word, method, point), one image at a time.
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def pixel_row(args, captioner, items, source: str) -> Row:
     return Row("faithfulness", f"pixel space: 1 image, {len(fast)} words, {len(masks)} curve points",
                fmt_s(fast_s), f"{fmt_s(naive_s)} one re-encode at a time", naive_s / fast_s, ">= 3x",
                naive_s / fast_s >= 3, [f"{source}; {step} regions per point, distinct masked images encoded once, "
-                                       "16 per batch"])
+                                       "4 per encoder batch on a CPU"])
 
 
 def run(args: argparse.Namespace) -> list[Row]:
