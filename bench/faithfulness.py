@@ -10,7 +10,8 @@ per word for saliency, single-threaded; it runs on the first few images and its 
 to N. Both must give the same AUCs.
 
 Pixel space: one image's caption, curves of `--pixel-step` regions per point. Fast: each distinct masked
-image encoded once, in the encoder's device batch (4 on a CPU). Baseline: one re-encode per (word, method, point), one image at a time.
+image encoded once, in the encoder's device batch (4 on a CPU). Baseline: one re-encode per (word, method,
+point), one image at a time.
 """
 from __future__ import annotations
 
