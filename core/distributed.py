@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 
@@ -23,13 +24,16 @@ def rank_world() -> tuple[int, int]:
 
 
 @contextmanager
-def torchrun_group(backend: str | None = None) -> Iterator[tuple[int, int]]:
+def torchrun_group(backend: str | None = None, timeout: timedelta | None = None) -> Iterator[tuple[int, int]]:
     """Join the process group when launched by torchrun and leave it together with the other ranks.
     Yields (rank, world). Outside torchrun, or when a group already exists (a caller owns it), does nothing.
-    `backend` defaults to nccl on CUDA, gloo otherwise."""
+    `backend` defaults to nccl on CUDA, gloo otherwise. `timeout` is how long a collective (the closing
+    barrier included) may wait: torch's default (30 min for gloo) when None. A CLI where rank 0 works on
+    alone for long passes more; a rank that dies still ends the run at once, since torchrun stops the others."""
     owned = "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized()
     if owned:
-        torch.distributed.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        options = {"timeout": timeout} if timeout is not None else {}
+        torch.distributed.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), **options)
     try:
         rank, world = rank_world()
         yield rank, world

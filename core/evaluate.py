@@ -23,6 +23,7 @@ import argparse
 import csv
 import io
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +38,9 @@ from core.errors import ConfigError, cli_main
 from core.grid import build_grid, setting_id
 from core.io_utils import atomic_write_json, atomic_write_text
 from core.metrics import METRIC_NAMES, Scores, format_scores
+
+# how long the other ranks may wait for rank 0 evaluating a single setting alone (see main)
+RANK_0_ALONE = timedelta(hours=12)
 
 
 def captions_csv(predictions: dict[str, str], items: Sequence[ImageCaptions], scores: Scores) -> str:
@@ -133,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # the knobs sit in the base setting; every grid point is checked before the checkpoint loads
     _grid_settings(args, DecodingConfig())
-    # under torchrun the grid's settings are sharded across ranks, which leave the gloo group together
-    with torchrun_group("gloo"):
+    # under torchrun the grid's settings are sharded across ranks, which leave the gloo group together; a
+    # single setting is evaluated by rank 0 alone while the others wait at the closing barrier, for as long
+    # as that takes (COCO's 40k images from their files is more than gloo's default 30 min here)
+    with torchrun_group("gloo", timeout=RANK_0_ALONE):
         return _run(args)
 
 

@@ -178,3 +178,25 @@ def test_ranks_leave_the_group_only_after_rank_0_has_finished_its_writes(tmp_pat
         assert left["left"] >= finished, f"rank {rank} left before rank 0 finished writing"
         assert left["group_after"] is False and left["rank_world_after"] == [0, 1]
         assert left["gathered"] == [0, 1]
+
+
+def test_the_group_timeout_reaches_the_process_group(monkeypatch):
+    """core.evaluate lets the other ranks wait for rank 0 longer than gloo's 30 min default: the timeout given
+    to torchrun_group must reach init_process_group (and none is passed when it is not given)."""
+    from datetime import timedelta
+
+    from core import distributed
+
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    seen = []
+    real = torch.distributed.init_process_group
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: (seen.append(kw), real(backend, **kw))[1])
+    with distributed.torchrun_group("gloo", timeout=timedelta(hours=2)):
+        pass
+    with distributed.torchrun_group("gloo"):
+        pass
+    assert seen == [{"timeout": timedelta(hours=2)}, {}]
+    assert not torch.distributed.is_initialized()
