@@ -1,14 +1,13 @@
 """Attention: where the model looked for each word, how focused it was, and whether the word depends on it."""
 import hashlib
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from core import analysis
 from core.images import fit_for_display
-from ui import cache, evidence, links, sidebar, state, widgets
+from ui import cache, charts, evidence, links, sidebar, state, widgets
 
 COLORMAPS = ["jet", "viridis", "magma", "inferno", "plasma", "turbo", "gray"]
 
@@ -104,7 +103,7 @@ with view:
 st.subheader("All words")
 style = cache.HeatmapStyle(opacity=opacity, cmap=cmap, smooth=smooth)
 grid_png = cache.attention_grid_png(key, h, style, decoded, grid)
-st.image(grid_png, width="stretch")
+st.image(grid_png, width="stretch", output_format="PNG")   # as is: "auto" re-encoded it every rerun
 stem = item.name.rsplit(".", 1)[0]
 d1, d2, _ = st.columns([1, 1, 3])
 d1.download_button("Grid (PNG)", grid_png, file_name=f"{stem}-attention.png", mime="image/png",
@@ -117,20 +116,17 @@ st.subheader("Focus and gate per word")
 chart_data = pd.DataFrame({"step": range(1, steps + 1), "word": [f"{i + 1}. {w}" for i, w in enumerate(tokens)],
                            "entropy (bits)": entropy, "β": hyp.betas.astype(float),
                            "p(word)": np.exp(np.asarray(hyp.token_logprobs, dtype=float))})
-x = alt.X("word:N", sort=None, title=None, axis=alt.Axis(labelAngle=-45, labelOverlap=False))
-selected = alt.Chart(pd.DataFrame({"word": [chart_data["word"][t]]})).mark_rule(color="#94a3b8").encode(x=x)
 c1, c2 = st.columns(2)
 with c1:
-    uniform = alt.Chart(pd.DataFrame({"y": [analysis.max_entropy(attention.shape[1])]})).mark_rule(
-        strokeDash=[4, 4], color="#ef4444").encode(y=alt.Y("y:Q", title="entropy (bits)"))
-    line = alt.Chart(chart_data).mark_line(point=True).encode(
-        x=x, y=alt.Y("entropy (bits):Q", title="entropy (bits)", scale=alt.Scale(zero=True)), tooltip=["word", "entropy (bits)"])
-    st.altair_chart(selected + line + uniform, width="stretch")
+    st.vega_lite_chart(charts.word_line_spec(chart_data, "entropy (bits)", selected_word=chart_data["word"][t],
+                                             tooltip=["word", "entropy (bits)"], zero=True,
+                                             reference_y=analysis.max_entropy(attention.shape[1])),
+                       width="stretch")
     st.caption("Attention entropy; dashed: uniform attention (no focus at all).")
 with c2:
-    line = alt.Chart(chart_data).mark_line(point=True, color="#16a34a").encode(
-        x=x, y=alt.Y("β:Q", scale=alt.Scale(domain=[0, 1])), tooltip=["word", "β", "p(word)"])
-    st.altair_chart(selected + line, width="stretch")
+    st.vega_lite_chart(charts.word_line_spec(chart_data, "β", selected_word=chart_data["word"][t],
+                                             tooltip=["word", "β", "p(word)"], color="#16a34a", y_domain=(0, 1)),
+                       width="stretch")
     st.caption("β gate: the share of the attended context passed to the decoder at each word.")
 
 faith = {"sig": sig, "item": item.key, "decoding": decoding.to_dict(), "h": h}

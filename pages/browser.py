@@ -152,7 +152,7 @@ if decoded.caption != predictions[name]["caption"]:
                "features, which can tip a close decision).")
 grid_png = cache.attention_grid_png(cache.CaptionKey.of(captioner, item, decoding), 0, cache.HeatmapStyle(),
                                     decoded, captioner.grid)
-st.image(grid_png, width="stretch")
+st.image(grid_png, width="stretch", output_format="PNG")   # as is: "auto" re-encoded it every rerun
 
 
 def _report_entries() -> list:
