@@ -2,7 +2,7 @@
 
 The Attention page redraws its two per-word charts on every word click. Built with Altair, each cost ~50 ms
 a rerun (most of it Altair's schema validation in `to_dict`); the same spec written as a dict costs well
-under a millisecond and renders identically in the browser.
+under a millisecond and draws the same chart.
 """
 from __future__ import annotations
 
